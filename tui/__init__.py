@@ -1,0 +1,1 @@
+"""The operator terminal UI (Textual). Built in its own issue."""
