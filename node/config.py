@@ -1,0 +1,215 @@
+"""The node's TOML config: parsed, checked, and turned into a frozen NodeConfig.
+
+Unknown keys are errors, not warnings: a misspelt key silently ignored is a setting the operator thinks
+is in force and is not. Every error names the file and the key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import multiaddr
+
+from protocol.signing import b58decode
+
+from .errors import ConfigError
+
+DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    span: tuple[int, int] | None = None  # pinned span; None = chosen by the node
+    serve: bool = True  # False: a client-only node that serves no blocks
+    log_level: str = "info"
+    torch_threads: int = 0  # 0 = auto, see node.runtime.apply_torch_threads
+    bootstrap: tuple[str, ...] = ()
+    bootstrap_timeout_s: float = 10.0
+    announce_interval_s: float = 15.0
+    announce_ttl_s: float = 60.0
+    gguf: str | None = None
+    model_cache_dir: str | None = None
+    cache_tokens: int = 16384
+    max_sessions: int = 16
+    session_idle_timeout_s: float = 120.0
+    demo_nodes: int = 3
+    demo_spans: tuple[tuple[int, int], ...] = ()
+    source: str = "<defaults>"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def with_overrides(self, **kw: Any) -> "NodeConfig":
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+# section -> key -> (NodeConfig attribute, parser)
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError("a string")
+    return v
+
+
+def _str_list(v: Any) -> tuple[str, ...]:
+    if isinstance(v, str):
+        return (v,)
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise TypeError("a list of strings")
+    return tuple(v)
+
+
+def _positive(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+        raise TypeError("a positive number")
+    return float(v)
+
+
+def _positive_int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise TypeError("a positive integer")
+    return v
+
+
+def _non_negative_int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise TypeError("a whole number >= 0")
+    return v
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError("true or false")
+    return v
+
+
+def _level(v: Any) -> str:
+    if v not in ("debug", "info", "warning", "error"):
+        raise TypeError("one of debug, info, warning, error")
+    return v
+
+
+def _span_or_auto(v: Any) -> tuple[int, int] | None:
+    if v == "auto":
+        return None
+    if not isinstance(v, str):
+        raise TypeError('"A:B" or "auto"')
+    return parse_span(v)
+
+
+def _span_list(v: Any) -> tuple[tuple[int, int], ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise TypeError('a list of "A:B" strings')
+    return tuple(parse_span(x) for x in v)
+
+
+SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
+    "node": {
+        "listen": ("listen", _str_list),
+        "span": ("span", _span_or_auto),
+        "serve": ("serve", _bool),
+        "log_level": ("log_level", _level),
+        "torch_threads": ("torch_threads", _non_negative_int),
+    },
+    "swarm": {
+        "bootstrap": ("bootstrap", _str_list),
+        "bootstrap_timeout_s": ("bootstrap_timeout_s", _positive),
+        "announce_interval_s": ("announce_interval_s", _positive),
+        "announce_ttl_s": ("announce_ttl_s", _positive),
+    },
+    "model": {
+        "gguf": ("gguf", _str),
+        "cache_dir": ("model_cache_dir", _str),
+    },
+    "server": {
+        "cache_tokens": ("cache_tokens", _positive_int),
+        "max_sessions": ("max_sessions", _positive_int),
+        "session_idle_timeout_s": ("session_idle_timeout_s", _positive),
+    },
+    "demo": {
+        "nodes": ("demo_nodes", _positive_int),
+        "spans": ("demo_spans", _span_list),
+    },
+}
+
+
+def parse_span(text: str) -> tuple[int, int]:
+    """'10:20' -> (10, 20); ConfigError for anything else. Bounds against the model are checked later."""
+    a, sep, b = text.partition(":")
+    if not sep or not a.strip().isdigit() or not b.strip().isdigit():
+        raise ConfigError(f"span {text!r} is not of the form A:B with whole numbers (e.g. 0:10)")
+    start, end = int(a), int(b)
+    if start >= end:
+        raise ConfigError(f"span {text!r} is empty: its start must be below its end")
+    return start, end
+
+
+def check_multiaddr(text: str, what: str, need_peer_id: bool = False) -> multiaddr.Multiaddr:
+    try:
+        addr = multiaddr.Multiaddr(text)
+    except Exception as e:
+        raise ConfigError(f"{what} {text!r} is not a valid multiaddr ({e})") from None
+    protocols = [p.name for p in addr.protocols()]
+    if "tcp" not in protocols or not ({"ip4", "ip6", "dns", "dns4", "dns6"} & set(protocols)):
+        raise ConfigError(f"{what} {text!r} must be a TCP multiaddr like /ip4/127.0.0.1/tcp/4001")
+    if need_peer_id:
+        if "p2p" not in protocols:
+            raise ConfigError(f"{what} {text!r} lacks the peer ID: append /p2p/<peer id>")
+        try:
+            b58decode(addr.value_for_protocol("p2p"))
+        except Exception:
+            raise ConfigError(f"{what} {text!r} has an invalid peer ID") from None
+    return addr
+
+
+def load_config(path: str | Path | None) -> NodeConfig:
+    """Read and check a config file; None gives the defaults."""
+    if path is None:
+        return NodeConfig()
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+    return config_from_dict(data, str(path))
+
+
+def config_from_dict(data: dict[str, Any], source: str) -> NodeConfig:
+    values: dict[str, Any] = {}
+    for section, body in data.items():
+        if section not in SCHEMA:
+            raise ConfigError(f"{source}: unknown config section [{section}] (known: {', '.join(SCHEMA)})")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: {section} must be a [{section}] table")
+        for key, value in body.items():
+            if key not in SCHEMA[section]:
+                raise ConfigError(
+                    f"{source}: unknown config key '{section}.{key}' (known in [{section}]: {', '.join(SCHEMA[section])})"
+                )
+            attr, parse = SCHEMA[section][key]
+            try:
+                values[attr] = parse(value)
+            except TypeError as e:
+                raise ConfigError(f"{source}: config key '{section}.{key}' must be {e}, not {value!r}") from None
+    config = NodeConfig(source=source, **values)
+    validate(config)
+    return config
+
+
+def validate(config: NodeConfig) -> None:
+    """Checks that hold whatever the source (file or command line)."""
+    if not config.listen:
+        raise ConfigError(f"{config.source}: node.listen needs at least one address")
+    for addr in config.listen:
+        check_multiaddr(addr, "listen address")
+    for addr in config.bootstrap:
+        check_multiaddr(addr, "bootstrap address", need_peer_id=True)

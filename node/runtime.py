@@ -1,0 +1,169 @@
+"""A running node: identity, host, swarm map, span server and client, owned by one nursery.
+
+`run_node` is what `poolai node` runs. It writes `node.json` in the data dir once it is reachable
+(peer ID, addresses, span, model), which the demo and the tests read, and removes it on the way out.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from protocol.manifest import short_model_id
+from protocol.placement import choose_span
+from protocol.signing import b58encode
+
+from .client import InferenceClient
+from .config import NodeConfig
+from .errors import ConfigError, StartupError
+from .identity import load_or_create_identity
+from .model import ClientModel, SpanModel
+from .p2p import P2P, open_p2p
+from .server import SpanServer
+from .swarm import SwarmService
+from .weights import prepare_model, verify_blocks
+
+log = logging.getLogger("poolai.node")
+
+STATE_FILE = "node.json"
+LOCK_FILE = "node.lock"
+
+
+@dataclass
+class Node:
+    config: NodeConfig
+    data_dir: Path
+    p2p: P2P
+    swarm: SwarmService
+    client: InferenceClient
+    server: SpanServer | None
+    started: float
+
+    @property
+    def peer_id(self) -> str:
+        return b58encode(self.swarm.signer.peer_id)
+
+
+def apply_torch_threads(requested: int) -> int:
+    """Set torch's intra-op threads: `requested`, or for 0 a quarter of the cores (at least one).
+
+    Decoding one token is bound by memory bandwidth, so more threads barely help, while on a machine
+    shared by several span processes, two spinning threads per process collapse throughput (measured on
+    2 cores: 21 tokens/s with one thread, 3.3 with two while another process computes).
+    """
+    import torch
+
+    n = requested or max(1, (os.cpu_count() or 1) // 4)
+    torch.set_num_threads(n)
+    return n
+
+
+def model_cache_dir(config: NodeConfig, data_dir: Path) -> Path:
+    return Path(config.model_cache_dir) if config.model_cache_dir else data_dir / "models" / "smollm2-135m"
+
+
+def _log_progress(done: int, total: int, what: str) -> None:
+    step = max(1, total // 10)
+    if done == total or done % step == 0:
+        log.info("converting the model once: %3d%% (%d/%d tensors)", 100 * done // total, done, total)
+
+
+def lock_data_dir(data_dir: Path):
+    """Hold an exclusive lock on the data dir for the node's life; StartupError if another node has it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    f = open(data_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise StartupError(f"another poolai node is running with data dir {data_dir}") from None
+    return f
+
+
+async def connect_bootstrap(p2p: P2P, swarm: SwarmService, addrs: tuple[str, ...], timeout: float) -> int:
+    """Dial every bootstrap peer and exchange swarm records; StartupError when none answers."""
+    reached = 0
+    errors: list[str] = []
+
+    async def one(addr: str) -> None:
+        nonlocal reached
+        try:
+            peer = await p2p.connect(addr, timeout)
+            await swarm.exchange_with(peer)
+            reached += 1
+        except trio.TooSlowError:
+            errors.append(f"{addr}: no answer within {timeout:g} s")
+        except Exception as e:
+            errors.append(f"{addr}: {type(e).__name__}: {e}")
+
+    async with trio.open_nursery() as nursery:
+        for addr in addrs:
+            nursery.start_soon(one, addr)
+    for e in errors:
+        log.warning("bootstrap peer unreachable: %s", e)
+    if addrs and not reached:
+        raise StartupError(f"no bootstrap peer reachable ({len(addrs)} tried): {errors[0]}")
+    return reached
+
+
+async def run_node(config: NodeConfig, data_dir: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    lock = lock_data_dir(data_dir)
+    try:
+        apply_torch_threads(config.torch_threads)
+        key_pair, signer = load_or_create_identity(data_dir)
+        log.info("peer ID %s, data dir %s", b58encode(signer.peer_id), data_dir)
+        converted, manifest = await trio.to_thread.run_sync(
+            prepare_model, model_cache_dir(config, data_dir), config.gguf, _log_progress)
+        n_blocks = manifest.n_blocks
+        if config.span is not None and config.span[1] > n_blocks:
+            raise ConfigError(f"span {config.span[0]}:{config.span[1]} is outside the model's {n_blocks} blocks "
+                              f"(0:{n_blocks})")
+        tokenizer = converted.load_tokenizer()
+        client_model = await trio.to_thread.run_sync(ClientModel.load, converted)
+        async with open_p2p(key_pair, list(config.listen)) as p2p:
+            swarm = SwarmService(p2p, signer, interval_s=config.announce_interval_s, ttl_s=config.announce_ttl_s)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(swarm.run)
+                await connect_bootstrap(p2p, swarm, config.bootstrap, config.bootstrap_timeout_s)
+                server = None
+                if config.serve:
+                    span = config.span or choose_span(
+                        [float(c) for c in swarm.map.coverage(manifest.model_id, n_blocks)], n_blocks)
+                    await trio.to_thread.run_sync(verify_blocks, converted, manifest, *span)
+                    span_model = await trio.to_thread.run_sync(SpanModel.load, converted, *span)
+                    server = SpanServer(p2p, manifest.model_id, span_model, cache_tokens=config.cache_tokens,
+                                        max_sessions=config.max_sessions,
+                                        idle_timeout_s=config.session_idle_timeout_s)
+                    server.register()
+                    swarm.set_local(manifest.model_id, *span, cache_tokens_left=server.cache_tokens_left)
+                    log.info("serving blocks %d:%d of model %s", *span, short_model_id(manifest.model_id))
+                client = InferenceClient(p2p, swarm, client_model, tokenizer, manifest, converted.chat_template)
+                node = Node(config, data_dir, p2p, swarm, client, server, time.monotonic())
+                write_state(data_dir, node, manifest)
+                task_status.started(node)
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    (data_dir / STATE_FILE).unlink(missing_ok=True)
+    finally:
+        lock.close()
+
+
+def write_state(data_dir: Path, node: Node, manifest) -> None:
+    state = {
+        "peer_id": node.peer_id,
+        "addrs": node.p2p.listen_addrs(),
+        "pid": os.getpid(),
+        "model_id": manifest.model_id.hex(),
+        "span": [node.server.span.start, node.server.span.end] if node.server else None,
+    }
+    tmp = data_dir / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(data_dir / STATE_FILE)

@@ -1,0 +1,183 @@
+"""The span server: serves `/poolai/infer/1` sessions over the blocks this node holds.
+
+Each session is one stream. The server keeps a KV cache per session, sized by the session's
+`max_length` and reserved against the node's token budget when the session opens, so a server never
+runs out of memory mid-generation: a session that does not fit is refused with "busy" and the client
+routes around. Computation runs in a worker thread, one step at a time, so the trio loop keeps
+answering gossip and new streams while torch works.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import trio
+
+from protocol.codec import MAX_TENSOR_FRAME
+from protocol.errors import RemoteProtocolError
+from protocol.infer import MAX_SESSION_TOKENS, PositionError, ServerSession, error_frame
+from protocol.signing import short_id
+from protocol.versions import INFER, INFER_MAJOR, neighbour_majors, protocol_id
+
+from .model import SpanModel
+from .tensors import from_wire, to_wire
+from .wire import FramedStream, StreamClosed
+
+log = logging.getLogger("poolai.server")
+
+INFER_PROTOCOL = protocol_id(INFER, INFER_MAJOR)
+# A client that opened a stream sends `open` at once; 10 s covers a slow link without letting idle
+# streams pile up.
+OPEN_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class ServerStatistics:
+    model_id: str
+    span: tuple[int, int]
+    sessions_open: int
+    sessions_total: int
+    sessions_refused: int
+    steps: int
+    tokens: int
+    cache_tokens_reserved: int
+    cache_tokens_budget: int
+    compute_s: float
+    protocol_errors: int
+
+
+class SpanServer:
+    def __init__(self, p2p, model_id: bytes, span: SpanModel, *, cache_tokens: int, max_sessions: int,
+                 idle_timeout_s: float) -> None:
+        self.p2p = p2p
+        self.model_id = model_id
+        self.span = span
+        self.cache_budget = cache_tokens
+        self.max_sessions = max_sessions
+        self.idle_timeout_s = idle_timeout_s
+        self.draining = False
+        self._reserved = 0
+        self._open = 0
+        self._total = self._refused = self._steps = self._tokens = self._errors = 0
+        self._compute_s = 0.0
+        self._limiter = trio.CapacityLimiter(1)
+
+    def register(self) -> None:
+        self.p2p.host.set_stream_handler(INFER_PROTOCOL, self._handle)
+        for major in neighbour_majors(INFER_MAJOR):
+            self.p2p.host.set_stream_handler(protocol_id(INFER, major), self._refuse_version(major))
+
+    @property
+    def cache_tokens_left(self) -> int:
+        return max(0, self.cache_budget - self._reserved)
+
+    def _refuse_version(self, major: int):
+        theirs, ours = protocol_id(INFER, major), INFER_PROTOCOL
+
+        async def refuse(stream) -> None:
+            framed = FramedStream(stream)
+            peer = framed.remote_peer.to_bytes()
+            log.info("refused %s from %s: this node speaks %s", theirs, short_id(peer), ours)
+            try:
+                await framed.send(error_frame("version", f"this node speaks {ours}; the peer asked for {theirs}"))
+            finally:
+                await framed.close()
+
+        return refuse
+
+    async def _handle(self, stream) -> None:
+        framed = FramedStream(stream, MAX_TENSOR_FRAME)
+        peer = framed.remote_peer.to_bytes()
+        proto = ServerSession(self.span.config.hidden)
+        reserved = 0
+        try:
+            req = proto.receive(await framed.receive(OPEN_TIMEOUT_S))
+            if req is None:
+                return
+            refusal = self._check_open(req)
+            if refusal:
+                self._refused += 1
+                log.info("refused session from %s: %s", short_id(peer), refusal[1])
+                await framed.send(proto.refuse(*refusal))
+                return
+            reserved = req.max_length
+            self._reserved += reserved
+            self._open += 1
+            self._total += 1
+            sub = self._subspan(req.start, req.end)
+            cache = sub.new_cache(req.max_length)
+            await framed.send(proto.accept(reserved))
+            while True:
+                try:
+                    msg = await framed.receive(self.idle_timeout_s)
+                except trio.TooSlowError:
+                    await framed.send(proto.refuse("timeout", f"idle for {self.idle_timeout_s:.0f} s"))
+                    return
+                try:
+                    step = proto.receive(msg)
+                except PositionError as e:
+                    await framed.send(proto.refuse("position", str(e)))
+                    return
+                if step is None:
+                    return
+                hidden = from_wire(step.hidden)
+                t0 = time.perf_counter()
+                out = await trio.to_thread.run_sync(sub.forward, hidden, cache, step.position, limiter=self._limiter)
+                self._compute_s += time.perf_counter() - t0
+                self._steps += 1
+                self._tokens += hidden.shape[1]
+                await framed.send(proto.respond(step, to_wire(out)), MAX_TENSOR_FRAME)
+        except StreamClosed:
+            pass
+        except (RemoteProtocolError, trio.TooSlowError) as e:
+            self._errors += 1
+            log.warning("session from %s: %s; resetting the stream", short_id(peer), e)
+            try:
+                with trio.move_on_after(1):
+                    await framed.send(error_frame("bad_request", str(e)))
+            except Exception:
+                pass
+            await framed.reset()
+            return
+        except Exception as e:  # a bug or a torch failure: answer, log, keep serving others
+            self._errors += 1
+            log.exception("session from %s failed", short_id(peer))
+            try:
+                with trio.move_on_after(1):
+                    await framed.send(error_frame("internal", f"{type(e).__name__}: {e}"))
+            except Exception:
+                pass
+            await framed.reset()
+            return
+        finally:
+            if reserved:
+                self._reserved -= reserved
+                self._open -= 1
+        await framed.close()
+
+    def _check_open(self, req) -> tuple[str, str] | None:
+        if self.draining:
+            return "draining", "this server is draining"
+        if req.model_id != self.model_id:
+            return "unknown_model", f"this server serves model {self.model_id.hex()[:12]}, not {req.model_id.hex()[:12]}"
+        if not (self.span.start <= req.start and req.end <= self.span.end):
+            return "span", f"this server serves blocks {self.span.start}:{self.span.end}, not {req.start}:{req.end}"
+        if req.max_length > MAX_SESSION_TOKENS:
+            return "too_long", f"max_length {req.max_length} is over {MAX_SESSION_TOKENS}"
+        if self._open >= self.max_sessions or req.max_length > self.cache_tokens_left:
+            return "busy", f"{self._open} sessions open, {self.cache_tokens_left} cache tokens left"
+        return None
+
+    def _subspan(self, start: int, end: int) -> SpanModel:
+        if (start, end) == (self.span.start, self.span.end):
+            return self.span
+        blocks = self.span.blocks[start - self.span.start : end - self.span.start]
+        return SpanModel(self.span.config, start, blocks, self.span.dtype)
+
+    def statistics(self) -> ServerStatistics:
+        return ServerStatistics(
+            self.model_id.hex()[:12], (self.span.start, self.span.end), self._open, self._total, self._refused,
+            self._steps, self._tokens, self._reserved, self.cache_budget, self._compute_s, self._errors,
+        )

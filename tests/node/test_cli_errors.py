@@ -1,0 +1,124 @@
+"""Every bad input of `poolai node` ends with exit code 2 and one line naming the problem."""
+
+import socket
+import time
+
+import pytest
+
+from node.cli import main
+
+
+def run(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else ""
+
+
+def write(tmp_path, text, name="node.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_missing_config(tmp_path, capsys):
+    code, line = run(capsys, ["node", "--config", str(tmp_path / "nope.toml"), "--data-dir", str(tmp_path)])
+    assert code == 2 and "does not exist" in line and "nope.toml" in line
+
+
+def test_malformed_config(tmp_path, capsys):
+    cfg = write(tmp_path, "[node\nlisten = 3")
+    code, line = run(capsys, ["node", "--config", cfg, "--data-dir", str(tmp_path)])
+    assert code == 2 and "not valid TOML" in line
+
+
+def test_unknown_key(tmp_path, capsys):
+    cfg = write(tmp_path, "[node]\nlisten = '/ip4/127.0.0.1/tcp/0'\nspan_size = 3\n")
+    code, line = run(capsys, ["node", "--config", cfg, "--data-dir", str(tmp_path)])
+    assert code == 2 and "unknown config key 'node.span_size'" in line
+
+
+def test_wrong_type(tmp_path, capsys):
+    cfg = write(tmp_path, "[server]\ncache_tokens = 'lots'\n")
+    code, line = run(capsys, ["node", "--config", cfg, "--data-dir", str(tmp_path)])
+    assert code == 2 and "'server.cache_tokens' must be a positive integer" in line
+
+
+@pytest.mark.parametrize("addr,match", [
+    ("/ip4/127.0.0.1/tcp/notaport", "not a valid multiaddr"),
+    ("/ip4/999.0.0.1/tcp/1", "not a valid multiaddr"),
+    ("/ip4/127.0.0.1/udp/1", "must be a TCP multiaddr"),
+])
+def test_bad_listen_multiaddr(tmp_path, capsys, addr, match):
+    cfg = write(tmp_path, "")
+    code, line = run(capsys, ["node", "--config", cfg, "--data-dir", str(tmp_path), "--listen", addr])
+    assert code == 2 and match in line
+
+
+def test_bootstrap_without_peer_id(tmp_path, capsys):
+    cfg = write(tmp_path, "[swarm]\nbootstrap = ['/ip4/127.0.0.1/tcp/4001']\n")
+    code, line = run(capsys, ["node", "--config", cfg, "--data-dir", str(tmp_path)])
+    assert code == 2 and "lacks the peer ID" in line
+
+
+@pytest.mark.parametrize("span,match", [("10", "not of the form A:B"), ("5:5", "empty"), ("a:b", "not of the form")])
+def test_bad_span_syntax(tmp_path, capsys, span, match):
+    code, line = run(capsys, ["node", "--config", write(tmp_path, ""), "--data-dir", str(tmp_path), "--span", span])
+    assert code == 2 and match in line
+
+
+def test_span_outside_model(tmp_path, capsys, model_cache):
+    cfg = write(tmp_path, f"[model]\ncache_dir = '{model_cache}'\n")
+    code, line = run(capsys, ["node", "--config", cfg, "--data-dir", str(tmp_path), "--span", "20:40"])
+    assert code == 2 and "span 20:40 is outside the model's 30 blocks" in line
+
+
+def test_port_in_use(tmp_path, capsys, model_cache):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        cfg = write(tmp_path, f"[model]\ncache_dir = '{model_cache}'\n")
+        code, line = run(capsys, ["node", "--config", cfg, "--data-dir", str(tmp_path), "--span", "0:1",
+                                  "--listen", f"/ip4/127.0.0.1/tcp/{port}"])
+    finally:
+        taken.close()
+    assert code == 2 and "cannot listen on" in line and str(port) in line and "in use" in line
+
+
+def test_unreachable_bootstrap_times_out(tmp_path, capsys, model_cache):
+    # A peer that accepts TCP and never speaks: the worst case for a dial (120 s inside libp2p).
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    port = silent.getsockname()[1]
+    peer = "12D3KooWEvjjXganJA2Qu4tgVDM3tGfqoaQcxSSZhyadL1bG7Fd1"
+    cfg = write(tmp_path, f"[model]\ncache_dir = '{model_cache}'\n[swarm]\nbootstrap_timeout_s = 1.5\n"
+                          f"bootstrap = ['/ip4/127.0.0.1/tcp/{port}/p2p/{peer}']\n")
+    t0 = time.monotonic()
+    try:
+        code, line = run(capsys, ["node", "--config", cfg, "--data-dir", str(tmp_path), "--span", "0:1"])
+    finally:
+        silent.close()
+    assert code == 2 and "no bootstrap peer reachable" in line and "no answer within 1.5 s" in line
+    assert time.monotonic() - t0 < 30
+
+
+def test_data_dir_owned_by_another_node(tmp_path, capsys):
+    from node.runtime import lock_data_dir
+
+    held = lock_data_dir(tmp_path)
+    try:
+        code, line = run(capsys, ["node", "--config", write(tmp_path, ""), "--data-dir", str(tmp_path)])
+    finally:
+        held.close()
+    assert code == 2 and "another poolai node is running" in line
+
+
+def test_generate_bad_flags(capsys):
+    code, line = run(capsys, ["generate", "--local", "--prompt", "hi", "--max-new-tokens", "0"])
+    assert code == 2 and "--max-new-tokens" in line
+    code, line = run(capsys, ["generate", "--prompt", "hi"])
+    assert code == 2 and "needs --local" in line
+    code, line = run(capsys, ["node"])
+    assert code == 2 and "--config" in line
