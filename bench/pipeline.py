@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -29,18 +30,22 @@ from node.weights import prepare_model  # noqa: E402
 PROMPT = "Write a short story about a robot who learns to paint."
 
 
-def local_run(converted, tokens: int) -> tuple[list[int], float]:
-    model = LocalModel.load(converted)
-    tok = converted.load_tokenizer()
-    ids = tok.encode(format_chat(converted.chat_template, PROMPT), add_special_tokens=False).ids
-    model.generate(ids, 8)  # warm-up
+ROUNDS = 3  # local and swarm runs alternate, so a noisy moment hits both; medians are reported
+
+
+def local_generate(model: LocalModel, ids: list[int], tokens: int) -> tuple[list[int], float]:
     t0 = time.perf_counter()
     out = model.generate(ids, tokens, stop_ids=())
     return out, len(out) / (time.perf_counter() - t0)
 
 
-async def swarm_run(root: Path, cache: Path, tokens: int, result: dict) -> None:
+async def run(root: Path, cache: Path, converted, tokens: int) -> dict:
+    model = LocalModel.load(converted)
+    tok = converted.load_tokenizer()
+    ids = tok.encode(format_chat(converted.chat_template, PROMPT), add_special_tokens=False).ids
+    model.generate(ids, 8)  # warm-up
     swarm = LocalSwarm(root, NodeConfig(), [(0, 10), (10, 20), (20, 30)], cache)
+    out: dict = {"local": [], "swarm": []}
     try:
         async with trio.open_nursery() as nursery:
             await swarm.start()
@@ -49,11 +54,18 @@ async def swarm_run(root: Path, cache: Path, tokens: int, result: dict) -> None:
             node = await nursery.start(run_node, cfg, root / "client")
             await node.client.wait_ready(60)
             await node.client.generate(PROMPT, 8)  # warm-up: connections, streams, caches
-            r = await node.client.generate(PROMPT, tokens, stop_at_eos=False)
-            result.update(tokens=r.tokens, tps=r.tokens_per_s, route=r.route)
+            for _ in range(ROUNDS):
+                local_tokens, local_tps = local_generate(model, ids, tokens)
+                r = await node.client.generate(PROMPT, tokens, stop_at_eos=False)
+                out["local"].append(local_tps)
+                out["swarm"].append(r.tokens_per_s)
+                out["identical"] = out.get("identical", True) and r.tokens == local_tokens
+                out["hops"] = len(r.route)
+                print(f"  round: local {local_tps:.2f} tokens/s, swarm {r.tokens_per_s:.2f} tokens/s", flush=True)
             nursery.cancel_scope.cancel()
     finally:
         swarm.stop()
+    return out
 
 
 def main() -> None:
@@ -65,15 +77,12 @@ def main() -> None:
     root = Path(args.data_dir or tempfile.mkdtemp(prefix="poolai-bench-"))
     cache = root / "models" / "smollm2-135m"
     converted, _ = prepare_model(cache)
-    local_tokens, local_tps = local_run(converted, args.tokens)
-    print(f"local: {local_tps:.2f} tokens/s ({len(local_tokens)} tokens)", flush=True)
-    result: dict = {}
-    trio.run(swarm_run, root, cache, args.tokens, result)
-    swarm_tps = result["tps"]
-    hops = len(result["route"])
-    per_hop_ms = (1 / swarm_tps - 1 / local_tps) / hops * 1000
-    print(f"swarm: {swarm_tps:.2f} tokens/s through {hops} processes; identical tokens: "
-          f"{result['tokens'] == local_tokens}")
+    r = trio.run(run, root, cache, converted, args.tokens)
+    local_tps, swarm_tps = statistics.median(r["local"]), statistics.median(r["swarm"])
+    per_hop_ms = (1 / swarm_tps - 1 / local_tps) / r["hops"] * 1000
+    print(f"local: {local_tps:.2f} tokens/s (median of {ROUNDS}, {args.tokens} tokens, one process)")
+    print(f"swarm: {swarm_tps:.2f} tokens/s (median of {ROUNDS}) through {r['hops']} processes; "
+          f"identical tokens: {r['identical']}")
     print(f"per-hop cost: {per_hop_ms:.2f} ms per token per hop")
     print(f"ratio={swarm_tps / local_tps:.3f}")
 

@@ -174,6 +174,9 @@ def cmd_demo(args) -> int:
         trio.run(_demo_main, args, config, swarm, root, cache_dir, say, result)
     finally:
         swarm.stop()
+    if not result:
+        say(f"\ninterrupted; stopped {nodes} nodes")
+        return 130
     if not args.json:
         say(f"\n\n{len(result['tokens'])} tokens in {result['elapsed_s']:.2f} s: {result['tokens_per_s']:.1f} tokens/s")
         say("route: " + " -> ".join(f"{h['peer']}[{h['start']}:{h['end']}]" for h in result["route"]))

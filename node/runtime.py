@@ -152,6 +152,10 @@ async def run_node(config: NodeConfig, data_dir: Path, *, task_status=trio.TASK_
                     await trio.sleep_forever()
                 finally:
                     (data_dir / STATE_FILE).unlink(missing_ok=True)
+                    if server is not None:
+                        st = server.statistics()
+                        log.info("served %d sessions, %d steps, %d tokens; compute %.2f ms per step",
+                                 st.sessions_total, st.steps, st.tokens, 1000 * st.compute_s / max(1, st.steps))
     finally:
         lock.close()
 
