@@ -18,6 +18,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
@@ -275,7 +276,7 @@ def _generate_swarm(args) -> int:
                 args.prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                 chat=not args.no_chat,
                 on_token=None if args.json else (lambda t, s: print(s, end="", flush=True)))
-            result.update(r.__dict__)
+            result.update(dataclasses.asdict(r))
             nursery.cancel_scope.cancel()
 
     trio.run(main_task)

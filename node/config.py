@@ -24,6 +24,7 @@ DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
 class NodeConfig:
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
     span: tuple[int, int] | None = None  # pinned span; None = chosen by the node
+    blocks: int = 0  # how many blocks to serve when the span is chosen; 0 = as many as memory allows
     serve: bool = True  # False: a client-only node that serves no blocks
     log_level: str = "info"
     torch_threads: int = 0  # 0 = auto, see node.runtime.apply_torch_threads
@@ -34,6 +35,7 @@ class NodeConfig:
     gguf: str | None = None
     model_cache_dir: str | None = None
     cache_tokens: int = 16384
+    throughput: float = 0.0  # announced block-steps per second; 0 = measure at start
     max_sessions: int = 16
     session_idle_timeout_s: float = 120.0
     demo_nodes: int = 3
@@ -63,6 +65,12 @@ def _str_list(v: Any) -> tuple[str, ...]:
 def _positive(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
         raise TypeError("a positive number")
+    return float(v)
+
+
+def _non_negative(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+        raise TypeError("a number >= 0")
     return float(v)
 
 
@@ -108,6 +116,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "node": {
         "listen": ("listen", _str_list),
         "span": ("span", _span_or_auto),
+        "blocks": ("blocks", _non_negative_int),
         "serve": ("serve", _bool),
         "log_level": ("log_level", _level),
         "torch_threads": ("torch_threads", _non_negative_int),
@@ -124,6 +133,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     },
     "server": {
         "cache_tokens": ("cache_tokens", _positive_int),
+        "throughput": ("throughput", _non_negative),
         "max_sessions": ("max_sessions", _positive_int),
         "session_idle_timeout_s": ("session_idle_timeout_s", _positive),
     },

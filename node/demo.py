@@ -8,6 +8,7 @@ process it started is stopped on the way out, on Ctrl-C too.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -208,5 +209,5 @@ async def _demo_main(args, config: NodeConfig, swarm: LocalSwarm, root: Path, ca
             args.prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
             on_token=None if args.json else (lambda t, s: print(s, end="", flush=True)),
         )
-        result.update(r.__dict__)
+        result.update(dataclasses.asdict(r))
         nursery.cancel_scope.cancel()

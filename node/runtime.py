@@ -17,7 +17,7 @@ from pathlib import Path
 import trio
 
 from protocol.manifest import short_model_id
-from protocol.placement import choose_span
+from protocol.placement import block_throughput, choose_span
 from protocol.signing import b58encode
 
 from .client import InferenceClient
@@ -135,14 +135,17 @@ async def run_node(config: NodeConfig, data_dir: Path, *, task_status=trio.TASK_
                 server = None
                 if config.serve:
                     span = config.span or choose_span(
-                        [float(c) for c in swarm.map.coverage(manifest.model_id, n_blocks)], n_blocks)
+                        block_throughput(swarm.map.servers(manifest.model_id, states=("online", "joining")),
+                                         n_blocks), config.blocks or n_blocks)
                     await trio.to_thread.run_sync(verify_blocks, converted, manifest, *span)
                     span_model = await trio.to_thread.run_sync(SpanModel.load, converted, *span)
                     server = SpanServer(p2p, manifest.model_id, span_model, cache_tokens=config.cache_tokens,
                                         max_sessions=config.max_sessions,
                                         idle_timeout_s=config.session_idle_timeout_s)
                     server.register()
-                    swarm.set_local(manifest.model_id, *span, cache_tokens_left=server.cache_tokens_left)
+                    swarm.set_local(manifest.model_id, *span, throughput=int(config.throughput * 1000),
+                                    dynamic=lambda: {"cache_tokens_left": server.cache_tokens_left,
+                                                     "state": "draining" if server.draining else "online"})
                     log.info("serving blocks %d:%d of model %s", *span, short_model_id(manifest.model_id))
                 client = InferenceClient(p2p, swarm, client_model, tokenizer, manifest, converted.chat_template)
                 node = Node(config, data_dir, p2p, swarm, client, server, time.monotonic())

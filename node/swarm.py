@@ -69,16 +69,23 @@ class SwarmService:
         self.clock = clock
         self.map = SwarmMap()
         self._local: SpanAnnouncement | None = None
+        self._dynamic: Callable[[], dict] | None = None
         self._changed = trio.Condition()
         self._accepted = self._rejected = self._published = self._exchanges = 0
         self._last_reject = ""
         self._republish = trio.Event()
 
     # -- what we announce --------------------------------------------------------------------------
-    def set_local(self, model_id: bytes, start: int, end: int, **extra) -> None:
-        """Announce (or update) our span; published now and on every refresh."""
+    def set_local(self, model_id: bytes, start: int, end: int, dynamic: Callable[[], dict] | None = None,
+                  **extra) -> None:
+        """Announce (or update) our span; published now and on every refresh. `dynamic()` supplies
+        fields that change between refreshes (cache tokens left, state)."""
         self._local = SpanAnnouncement(self.signer.peer_id, model_id, start, end,
                                        tuple(self.p2p.listen_addrs()), 0, 0, **extra)
+        self._dynamic = dynamic
+        self._republish.set()
+
+    def republish_now(self) -> None:
         self._republish.set()
 
     def update_local(self, **changes) -> None:
@@ -90,7 +97,8 @@ class SwarmService:
         if self._local is None:
             return None
         t = self.clock()
-        return replace(self._local, issued_ms=t, expires_ms=t + self.ttl_ms).signed(self.signer)
+        fields = self._dynamic() if self._dynamic is not None else {}
+        return replace(self._local, issued_ms=t, expires_ms=t + self.ttl_ms, **fields).signed(self.signer)
 
     # -- service -------------------------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -210,6 +218,11 @@ class SwarmService:
             await framed.close()
 
     # -- queries -------------------------------------------------------------------------------------
+    async def wait_changed(self) -> None:
+        """Return at the next change of the map (a record added, replaced or expired)."""
+        async with self._changed:
+            await self._changed.wait()
+
     async def wait_covered(self, model_id: bytes, n_blocks: int, timeout: float) -> None:
         """Return once every block has an online server; NoRoute naming the missing blocks after timeout."""
         with trio.move_on_after(timeout):

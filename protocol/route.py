@@ -109,3 +109,40 @@ def _ranges(blocks: list[int]) -> str:
         out.append(str(blocks[i]) if i == j else f"{blocks[i]}-{blocks[j]}")
         i = j + 1
     return ", ".join(out)
+
+
+# A server that failed is avoided for BAN_BASE_S, doubling with each further failure up to BAN_MAX_S:
+# a restart takes seconds, a dead host never comes back, and a flapping one should cost us little.
+BAN_BASE_S = 2.0
+BAN_MAX_S = 120.0
+# A server that answered "busy" or "draining" is healthy: avoid it briefly, without a strike.
+BUSY_BAN_S = 5.0
+
+
+class BanList:
+    """Peers to route around, with exponential backoff. Pure: times are passed in (seconds)."""
+
+    def __init__(self) -> None:
+        self._strikes: dict[bytes, int] = {}
+        self._until: dict[bytes, float] = {}
+
+    def strike(self, peer: bytes, now: float) -> float:
+        """Record a failure; returns how long the peer is banned."""
+        n = self._strikes.get(peer, 0) + 1
+        self._strikes[peer] = n
+        duration = min(BAN_MAX_S, BAN_BASE_S * 2 ** (n - 1))
+        self._until[peer] = max(self._until.get(peer, 0.0), now + duration)
+        return duration
+
+    def busy(self, peer: bytes, now: float) -> None:
+        self._until[peer] = max(self._until.get(peer, 0.0), now + BUSY_BAN_S)
+
+    def forgive(self, peer: bytes) -> None:
+        """A session completed: the peer's next failure starts from the base ban again."""
+        self._strikes.pop(peer, None)
+
+    def banned(self, now: float) -> frozenset[bytes]:
+        return frozenset(p for p, t in self._until.items() if t > now)
+
+    def until(self, peer: bytes) -> float:
+        return self._until.get(peer, 0.0)
