@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     _sampling(g)
 
+    st = sub.add_parser("status", help="what a running node serves, the swarm's coverage, its sessions")
+    st.add_argument("--data-dir", help="the node's data dir (default: the user data dir)")
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+
     s = sub.add_parser("sim", help="simulations of the swarm's algorithms", add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)
     return p
@@ -134,6 +138,8 @@ def _main(argv: list[str] | None = None, raised: NodeError | None = None) -> int
             return cmd_demo(args)
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "status":
+            return cmd_status(args)
     except (ConfigError, StartupError) as e:
         print(f"poolai: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -195,6 +201,29 @@ async def _cancel_on_signal(scope) -> None:
             log.info("received %s, stopping", signal.Signals(signum).name)
             scope.cancel()
             return
+
+
+def cmd_status(args) -> int:
+    import trio
+
+    from .control import ControlClient, ControlError, NodeNotRunning
+    from .format import format_status
+
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+
+    async def fetch() -> dict:
+        async with ControlClient(data_dir) as c:
+            return {"status": await c.call("status"), "swarm": await c.call("swarm"),
+                    "sessions": await c.call("sessions")}
+
+    try:
+        info = trio.run(fetch)
+    except NodeNotRunning as e:
+        raise StartupError(f"{e}; start one with: poolai node --config FILE --data-dir {data_dir}") from None
+    except ControlError as e:
+        raise StartupError(f"the node refused: {e}") from None
+    print(json.dumps(info) if args.json else format_status(info))
+    return 0
 
 
 def cmd_generate(args) -> int:

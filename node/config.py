@@ -32,6 +32,7 @@ class NodeConfig:
     bootstrap_timeout_s: float = 10.0
     announce_interval_s: float = 15.0
     announce_ttl_s: float = 60.0
+    rebalance_period_s: float = 60.0
     gguf: str | None = None
     model_cache_dir: str | None = None
     cache_tokens: int = 16384
@@ -126,6 +127,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "bootstrap_timeout_s": ("bootstrap_timeout_s", _positive),
         "announce_interval_s": ("announce_interval_s", _positive),
         "announce_ttl_s": ("announce_ttl_s", _positive),
+        "rebalance_period_s": ("rebalance_period_s", _positive),
     },
     "model": {
         "gguf": ("gguf", _str),

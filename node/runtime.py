@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -17,12 +18,15 @@ from pathlib import Path
 import trio
 
 from protocol.manifest import short_model_id
-from protocol.placement import block_throughput, choose_span
+from protocol.placement import SERVING_STATES, choose_span_for
 from protocol.signing import b58encode
 
+from .balancer import Balancer
 from .client import InferenceClient
+from .control import CONTROL_SOCKET, ControlServer
 from .config import NodeConfig
 from .errors import ConfigError, StartupError
+from .hardware import cpu_device, device_label, plan_capacity, probe_device
 from .identity import load_or_create_identity
 from .model import ClientModel, SpanModel
 from .p2p import P2P, open_p2p
@@ -33,6 +37,9 @@ from .weights import prepare_model, verify_blocks
 log = logging.getLogger("poolai.node")
 
 STATE_FILE = "node.json"
+# A node moving its span waits this long for its sessions to end; sessions still open afterwards keep
+# their blocks in memory until they finish, so nothing breaks, it only costs memory for a while.
+DRAIN_TIMEOUT_S = 60.0
 LOCK_FILE = "node.lock"
 
 
@@ -44,6 +51,7 @@ class Node:
     swarm: SwarmService
     client: InferenceClient
     server: SpanServer | None
+    balancer: Balancer | None
     started: float
 
     @property
@@ -113,6 +121,66 @@ async def connect_bootstrap(p2p: P2P, swarm: SwarmService, addrs: tuple[str, ...
     return reached
 
 
+async def start_serving(nursery, config: NodeConfig, swarm: SwarmService, converted, manifest,
+                        my_peer_id: bytes) -> tuple[SpanServer, Balancer | None]:
+    """Measure capacity, choose a span (unless pinned), load and serve it, and keep it balanced."""
+    n_blocks = manifest.n_blocks
+    model_id = manifest.model_id
+    # The blocks run on the CPU in this version, so CPU memory is the budget even when a GPU is present.
+    gpu = await trio.to_thread.run_sync(probe_device)
+    if gpu.kind == "cuda":
+        log.warning("found %s; this version computes on the CPU", gpu.name)
+    capacity = await trio.to_thread.run_sync(
+        functools.partial(plan_capacity, converted, config.cache_tokens, n_blocks, device=cpu_device()))
+    throughput = config.throughput or capacity.throughput
+    size = config.blocks or capacity.blocks
+    log.info("capacity: %s; %.0f block-steps/s; room for %d blocks", device_label(capacity.device),
+             capacity.throughput, capacity.blocks)
+    span = config.span or choose_span_for(swarm.map.servers(model_id, states=SERVING_STATES), n_blocks, size,
+                                          my_peer_id)
+    holder: dict = {"server": None}
+
+    def dynamic() -> dict:
+        srv = holder["server"]
+        if srv is None:
+            return {"state": "joining", "cache_tokens_left": config.cache_tokens}
+        return {"state": srv.state, "cache_tokens_left": srv.cache_tokens_left}
+
+    extras = dict(throughput=int(throughput * 1000), device=capacity.device.name[:64], dynamic=dynamic)
+    swarm.set_local(model_id, *span, **extras)  # "joining": counted by placement, not yet routed to
+
+    async def load(span: tuple[int, int]) -> SpanModel:
+        await trio.to_thread.run_sync(verify_blocks, converted, manifest, *span)
+        return await trio.to_thread.run_sync(SpanModel.load, converted, *span)
+
+    server = SpanServer(swarm.p2p, model_id, await load(span), cache_tokens=config.cache_tokens,
+                        max_sessions=config.max_sessions, idle_timeout_s=config.session_idle_timeout_s)
+    server.register()
+    holder["server"] = server
+    swarm.set_local(model_id, *span, **extras)
+    log.info("serving blocks %d:%d of model %s", *span, short_model_id(model_id))
+    if config.span is not None:
+        return server, None
+
+    async def move(new: tuple[int, int]) -> None:
+        old = (server.span.start, server.span.end)
+        log.info("moving from blocks %d:%d to %d:%d: draining first", *old, *new)
+        server.state = "draining"
+        swarm.republish_now()
+        with trio.move_on_after(DRAIN_TIMEOUT_S):
+            await server.wait_idle()
+        server.span = await load(new)  # sessions still open keep the blocks they started on
+        server.state = "online"
+        swarm.set_local(model_id, *new, **extras)
+        log.info("now serving blocks %d:%d", *new)
+
+    balancer = Balancer(lambda: swarm.map.servers(model_id, states=SERVING_STATES), n_blocks, my_peer_id,
+                        lambda: (server.span.start, server.span.end), throughput, move,
+                        period_s=config.rebalance_period_s)
+    await nursery.start(balancer.run)
+    return server, balancer
+
+
 async def run_node(config: NodeConfig, data_dir: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     lock = lock_data_dir(data_dir)
     try:
@@ -132,23 +200,12 @@ async def run_node(config: NodeConfig, data_dir: Path, *, task_status=trio.TASK_
             async with trio.open_nursery() as nursery:
                 await nursery.start(swarm.run)
                 await connect_bootstrap(p2p, swarm, config.bootstrap, config.bootstrap_timeout_s)
-                server = None
+                server, balancer = None, None
                 if config.serve:
-                    span = config.span or choose_span(
-                        block_throughput(swarm.map.servers(manifest.model_id, states=("online", "joining")),
-                                         n_blocks), config.blocks or n_blocks)
-                    await trio.to_thread.run_sync(verify_blocks, converted, manifest, *span)
-                    span_model = await trio.to_thread.run_sync(SpanModel.load, converted, *span)
-                    server = SpanServer(p2p, manifest.model_id, span_model, cache_tokens=config.cache_tokens,
-                                        max_sessions=config.max_sessions,
-                                        idle_timeout_s=config.session_idle_timeout_s)
-                    server.register()
-                    swarm.set_local(manifest.model_id, *span, throughput=int(config.throughput * 1000),
-                                    dynamic=lambda: {"cache_tokens_left": server.cache_tokens_left,
-                                                     "state": "draining" if server.draining else "online"})
-                    log.info("serving blocks %d:%d of model %s", *span, short_model_id(manifest.model_id))
+                    server, balancer = await start_serving(nursery, config, swarm, converted, manifest, signer.peer_id)
                 client = InferenceClient(p2p, swarm, client_model, tokenizer, manifest, converted.chat_template)
-                node = Node(config, data_dir, p2p, swarm, client, server, time.monotonic())
+                node = Node(config, data_dir, p2p, swarm, client, server, balancer, time.monotonic())
+                await nursery.start(ControlServer(node, data_dir / CONTROL_SOCKET).run)
                 write_state(data_dir, node, manifest)
                 task_status.started(node)
                 try:

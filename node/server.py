@@ -35,6 +35,7 @@ OPEN_TIMEOUT_S = 10.0
 # the trio thread saves two thread hand-offs per step, and holds the loop no longer than a gossip
 # round trip. Longer steps (prefill, replay) go to the worker thread so the node stays responsive.
 INLINE_STEP_TOKENS = 4
+IDLE_POLL_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,16 @@ class ServerStatistics:
     protocol_errors: int
 
 
+@dataclass
+class SessionInfo:
+    client: str
+    start: int
+    end: int
+    max_length: int
+    opened: float
+    tokens: int = 0
+
+
 class SpanServer:
     def __init__(self, p2p, model_id: bytes, span: SpanModel, *, cache_tokens: int, max_sessions: int,
                  idle_timeout_s: float) -> None:
@@ -61,12 +72,13 @@ class SpanServer:
         self.cache_budget = cache_tokens
         self.max_sessions = max_sessions
         self.idle_timeout_s = idle_timeout_s
-        self.draining = False
+        self.state = "online"  # "draining": refuses new sessions while it moves or stops
         self._reserved = 0
         self._open = 0
         self._total = self._refused = self._steps = self._tokens = self._errors = 0
         self._compute_s = 0.0
         self._limiter = trio.CapacityLimiter(1)
+        self._sessions: dict[bytes, SessionInfo] = {}
 
     def register(self) -> None:
         self.p2p.host.set_stream_handler(INFER_PROTOCOL, self._handle)
@@ -109,6 +121,8 @@ class SpanServer:
             reserved = req.max_length
             self._reserved += reserved
             self._open += 1
+            info = SessionInfo(short_id(peer), req.start, req.end, req.max_length, time.time())
+            self._sessions[req.session_id] = info
             self._total += 1
             sub = self._subspan(req.start, req.end)
             cache = sub.new_cache(req.max_length)
@@ -136,6 +150,7 @@ class SpanServer:
                 self._compute_s += time.perf_counter() - t0
                 self._steps += 1
                 self._tokens += hidden.shape[1]
+                info.tokens = step.position + hidden.shape[1]
                 await framed.send(proto.respond(step, to_wire(out)), MAX_TENSOR_FRAME)
         except StreamClosed:
             pass
@@ -163,10 +178,11 @@ class SpanServer:
             if reserved:
                 self._reserved -= reserved
                 self._open -= 1
+                self._sessions.pop(req.session_id, None)
         await framed.close()
 
     def _check_open(self, req) -> tuple[str, str] | None:
-        if self.draining:
+        if self.state == "draining":
             return "draining", "this server is draining"
         if req.model_id != self.model_id:
             return "unknown_model", f"this server serves model {self.model_id.hex()[:12]}, not {req.model_id.hex()[:12]}"
@@ -178,11 +194,19 @@ class SpanServer:
             return "busy", f"{self._open} sessions open, {self.cache_tokens_left} cache tokens left"
         return None
 
+    async def wait_idle(self) -> None:
+        """Return once no session is open (used while draining)."""
+        while self._open:
+            await trio.sleep(IDLE_POLL_S)
+
     def _subspan(self, start: int, end: int) -> SpanModel:
         if (start, end) == (self.span.start, self.span.end):
             return self.span
         blocks = self.span.blocks[start - self.span.start : end - self.span.start]
         return SpanModel(self.span.config, start, blocks, self.span.dtype)
+
+    def sessions(self) -> list[SessionInfo]:
+        return list(self._sessions.values())
 
     def statistics(self) -> ServerStatistics:
         return ServerStatistics(
