@@ -29,6 +29,7 @@ from protocol.signing import b58encode, short_id
 from protocol.versions import INFER, INFER_MAJOR, protocol_id
 
 from .errors import GenerationError
+from .latency import LatencyTracker
 from .model import ClientModel, format_chat, sample_next
 from .p2p import P2P
 from .swarm import SwarmService
@@ -46,8 +47,6 @@ OPEN_TIMEOUT_S = 10.0
 # worth chasing) and by time spent waiting for some server to cover blocks nobody serves.
 MAX_FAILOVERS = 8
 REROUTE_WAIT_S = 10.0
-# Smoothing of per-peer RTT samples (session open round trips): recent samples weigh 1/4.
-RTT_EWMA = 0.25
 
 
 class HopFailed(Exception):
@@ -117,7 +116,7 @@ class InferenceClient:
         self.hidden_size = manifest.config_dict()["hidden"]
         self.chat_template = chat_template
         self.bans = BanList()
-        self.rtt: dict[bytes, float] = {}
+        self.latency = LatencyTracker()
         self.generations = 0
         self.last_route: list[Hop] = []  # the route of the generation in progress (or the last one)
         self._tokens = 0
@@ -138,7 +137,7 @@ class InferenceClient:
         """Cheapest route over [start, end) avoiding banned peers; NoRoute names uncovered blocks."""
         return plan_route(self.swarm.map.servers(self.model_id), start,
                           self.manifest.n_blocks if end is None else end,
-                          rtt_s=self.rtt.get, exclude=self.bans.banned(time.monotonic()),
+                          rtt_s=self.latency.get, exclude=self.bans.banned(time.monotonic()),
                           cache_needed=cache_needed)
 
     # -- one hop ----------------------------------------------------------------------------------------
@@ -173,9 +172,7 @@ class InferenceClient:
         proto = ClientSession(os.urandom(16), self.model_id, hop.start, hop.end, max_length, self.hidden_size)
         await framed.send(proto.open_frame())
         proto.on_ready(await framed.receive(OPEN_TIMEOUT_S))
-        sample = time.monotonic() - t0
-        old = self.rtt.get(hop.peer_id)
-        self.rtt[hop.peer_id] = sample if old is None else (1 - RTT_EWMA) * old + RTT_EWMA * sample
+        self.latency.sample(hop.peer_id, time.monotonic() - t0)
         return HopSession(hop, framed, proto)
 
     async def _through(self, hs: HopSession, hidden: torch.Tensor) -> torch.Tensor:
@@ -313,5 +310,5 @@ class InferenceClient:
         return ClientStatistics(
             self.generations, self._tokens, self._failovers,
             sorted(short_id(p) for p in self.bans.banned(time.monotonic())),
-            {short_id(p): round(1000 * v, 2) for p, v in self.rtt.items()},
+            {short_id(p): round(1000 * v, 2) for p, v in self.latency.rtt.items()},
         )

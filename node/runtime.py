@@ -26,6 +26,7 @@ from .client import InferenceClient
 from .control import CONTROL_SOCKET, ControlServer
 from .config import NodeConfig
 from .errors import ConfigError, StartupError
+from .latency import Pinger
 from .hardware import cpu_device, device_label, plan_capacity, probe_device
 from .identity import load_or_create_identity
 from .model import ClientModel, SpanModel
@@ -204,6 +205,7 @@ async def run_node(config: NodeConfig, data_dir: Path, *, task_status=trio.TASK_
                 if config.serve:
                     server, balancer = await start_serving(nursery, config, swarm, converted, manifest, signer.peer_id)
                 client = InferenceClient(p2p, swarm, client_model, tokenizer, manifest, converted.chat_template)
+                await nursery.start(Pinger(p2p, swarm, client.latency, manifest.model_id).run)
                 node = Node(config, data_dir, p2p, swarm, client, server, balancer, time.monotonic())
                 await nursery.start(ControlServer(node, data_dir / CONTROL_SOCKET).run)
                 write_state(data_dir, node, manifest)

@@ -129,3 +129,16 @@ async def test_bad_frames_reset_and_node_keeps_serving(tmp_path, model_cache):
         result = await node.client.generate(PROMPT, 4)
         assert len(result.tokens) == 4
         nursery.cancel_scope.cancel()
+
+
+async def test_ping_measures_rtt_to_a_server(tmp_path, model_cache):
+    from node.latency import Pinger
+
+    async with trio.open_nursery() as nursery:
+        a = await start_node(nursery, node_config(model_cache, span=(0, 2)), tmp_path / "a")
+        b = await start_node(nursery, node_config(model_cache, span=(2, 4), bootstrap=(a.p2p.listen_addrs()[0],)),
+                             tmp_path / "b")
+        pinger = Pinger(b.p2p, b.swarm, b.client.latency, b.client.model_id)
+        rtt = await pinger.ping(a.p2p.peer_id)
+        nursery.cancel_scope.cancel()
+    assert 0 < rtt < 0.5
