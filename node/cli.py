@@ -4,6 +4,9 @@
     poolai demo [--nodes 3] [--prompt TEXT] [--max-new-tokens N] [--json]
     poolai generate --local --prompt TEXT [--max-new-tokens N] [--json]
     poolai generate --config FILE --prompt TEXT ...      (joins the swarm as a client-only node)
+    poolai generate [--data-dir DIR] --prompt TEXT ...   (through the running node of DIR)
+    poolai tui [--data-dir DIR]                          (the terminal UI of the running node of DIR)
+    poolai ledger [verify] [--data-dir DIR] [--json]
     poolai sim overlay ...
 
 Bad input (a config file, a flag) ends with exit code 2 and one line naming the problem.
@@ -67,16 +70,25 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text, locally or through a swarm")
     g.add_argument("--local", action="store_true", help="run the whole model in this process, no network")
     g.add_argument("--config", help="swarm config to join as a client-only node (without --local)")
-    g.add_argument("--data-dir", help="data dir (default: the user data dir)")
+    g.add_argument("--data-dir", help="without --local or --config: the running node to generate through "
+                                      "(default: the user data dir)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=48)
     g.add_argument("--no-chat", action="store_true", help="send the prompt as raw text, without the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     _sampling(g)
 
+    t = sub.add_parser("tui", help="the terminal UI of a running node")
+    t.add_argument("--data-dir", help="the node's data dir (default: the user data dir)")
+
     st = sub.add_parser("status", help="what a running node serves, the swarm's coverage, its sessions")
     st.add_argument("--data-dir", help="the node's data dir (default: the user data dir)")
     st.add_argument("--json", action="store_true", help="print one JSON object")
+
+    lg = sub.add_parser("ledger", help="this node's credit: balance, recent entries, counterparties, fraud proofs")
+    lg.add_argument("action", nargs="?", choices=["verify"], help="verify: re-validate the whole local store")
+    lg.add_argument("--data-dir", help="the node's data dir (default: the user data dir)")
+    lg.add_argument("--json", action="store_true", help="print one JSON object")
 
     s = sub.add_parser("sim", help="simulations of the swarm's algorithms", add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)
@@ -140,6 +152,10 @@ def _main(argv: list[str] | None = None, raised: NodeError | None = None) -> int
             return cmd_generate(args)
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "tui":
+            return cmd_tui(args)
+        if args.command == "ledger":
+            return cmd_ledger(args)
     except (ConfigError, StartupError) as e:
         print(f"poolai: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -226,13 +242,90 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_ledger(args) -> int:
+    """Ask the running node; with none running, read the data dir's ledger file directly."""
+    import trio
+
+    from .control import ControlClient, ControlError, NodeNotRunning
+    from .ledger import LEDGER_FILE, format_ledger, format_verify, ledger_summary, verify_store
+    from .ledger_store import LedgerStore
+
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    method = "ledger_verify" if args.action == "verify" else "ledger"
+
+    async def fetch() -> dict:
+        async with ControlClient(data_dir) as c:
+            return await c.call(method, timeout=120.0)
+
+    try:
+        info = trio.run(fetch)
+    except NodeNotRunning:
+        path = data_dir / LEDGER_FILE
+        if not path.exists():
+            raise StartupError(f"no node is running with data dir {data_dir}, and it holds no ledger ({path})") from None
+        store = LedgerStore.open(path)
+        try:
+            info = verify_store(store) if method == "ledger_verify" else ledger_summary(store)
+        finally:
+            store.close()
+    except ControlError as e:
+        raise StartupError(f"the node refused: {e}") from None
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(format_verify(info) if method == "ledger_verify" else format_ledger(info))
+    return EXIT_FAILED if method == "ledger_verify" and not info["ok"] else 0
+
+
 def cmd_generate(args) -> int:
     check_generation_args(args)
     if args.local:
         return _generate_local(args)
     if not args.config:
-        raise ConfigError("generate needs --local, or --config FILE naming bootstrap peers of a swarm to join")
+        return _generate_via_node(args)
     return _generate_swarm(args)
+
+
+def cmd_tui(args) -> int:
+    from tui.app import run_tui
+
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    run_tui(str(data_dir))
+    return 0
+
+
+def _generate_via_node(args) -> int:
+    """Generate through the running node of --data-dir, over its control API, printing tokens as they come."""
+    import trio
+
+    from .control import ControlClient, ControlError, NodeNotRunning
+
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+
+    def show(item: dict) -> None:
+        if not args.json:
+            print(item["text"], end="", flush=True)
+
+    async def run() -> dict:
+        async with ControlClient(data_dir) as c:
+            return await c.stream("generate", show, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                  chat=not args.no_chat)
+
+    try:
+        result = trio.run(run)
+    except NodeNotRunning as e:
+        raise StartupError(f"generate needs --local, --config FILE, or a running node: {e}; start one with: "
+                           f"poolai node --config FILE --data-dir {data_dir}") from None
+    except ControlError as e:
+        if e.code == "generation_failed":
+            raise GenerationError(e.detail) from None
+        raise StartupError(f"the node refused: {e}") from None
+    if not args.json:
+        print(f"\n\n{len(result['tokens'])} tokens: {result['tokens_per_s']:.1f} tokens/s via "
+              + " -> ".join(f"{h['peer'][-8:]}[{h['start']}:{h['end']}]" for h in result["route"]))
+    _emit(args, result)
+    return 0
 
 
 def _emit(args, result: dict) -> None:

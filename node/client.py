@@ -22,7 +22,8 @@ from libp2p.peer.id import ID
 
 from protocol.codec import MAX_TENSOR_FRAME
 from protocol.errors import RemoteProtocolError, VersionMismatch
-from protocol.infer import ClientSession, ServerRefused
+from protocol.infer import RECEIPT_EVERY_TOKENS, ClientSession, ReceiptBook, ServerRefused
+from protocol.ledger import DEBIT, NONCE_BYTES, Receipt
 from protocol.manifest import ModelManifest
 from protocol.route import BanList, Hop, NoRoute, plan_route
 from protocol.signing import b58encode, short_id
@@ -65,6 +66,9 @@ class HopSession:
     framed: FramedStream
     proto: ClientSession
     inputs: list[torch.Tensor] = field(default_factory=list)  # kept for replay after a failure
+    book: ReceiptBook | None = None  # the session's receipts, when the server signs them
+    latest: Receipt | None = None  # the server's newest receipt, checked
+    countersigned: Receipt | None = None  # the newest one we countersigned
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,7 @@ class ClientStatistics:
     failovers: int
     banned: list[str]
     rtt_ms: dict[str, float]
+    receipts: int = 0  # receipts countersigned (recorded as DEBIT)
 
 
 def route_json(hops: list[Hop]) -> list[dict]:
@@ -121,6 +126,8 @@ class InferenceClient:
         self.last_route: list[Hop] = []  # the route of the generation in progress (or the last one)
         self._tokens = 0
         self._failovers = 0
+        self._receipts = 0
+        self.ledger = None  # node.ledger.LedgerService: records our countersigned receipts as DEBIT
 
     def encode_prompt(self, prompt: str, chat: bool = True) -> list[int]:
         text = format_chat(self.chat_template, prompt) if chat else prompt
@@ -147,6 +154,8 @@ class InferenceClient:
         except (GenerationError, VersionMismatch, trio.Cancelled):
             raise
         except ServerRefused as e:
+            if e.code == "credit":
+                raise GenerationError(f"server {short_id(hop.peer_id)} refused: {e.message}") from None
             raise HopFailed(hop.peer_id, str(e), busy=e.code in ("busy", "draining")) from None
         except (RemoteProtocolError, trio.TooSlowError, OSError, Exception) as e:
             raise HopFailed(hop.peer_id, f"{type(e).__name__}: {e}") from None
@@ -169,17 +178,43 @@ class InferenceClient:
                 raise VersionMismatch(INFER_PROTOCOL, ", ".join(theirs)) from None
             raise HopFailed(hop.peer_id, f"cannot open {INFER_PROTOCOL}: {e}") from None
         framed = FramedStream(stream, MAX_TENSOR_FRAME)
-        proto = ClientSession(os.urandom(16), self.model_id, hop.start, hop.end, max_length, self.hidden_size)
+        proto = ClientSession(os.urandom(16), self.model_id, hop.start, hop.end, max_length, self.hidden_size,
+                              nonce=None if hop.peer_id == self.swarm.signer.peer_id else os.urandom(NONCE_BYTES))
         await framed.send(proto.open_frame())
         proto.on_ready(await framed.receive(OPEN_TIMEOUT_S))
         self.latency.sample(hop.peer_id, time.monotonic() - t0)
-        return HopSession(hop, framed, proto)
+        book = None
+        if proto.server_nonce is not None:
+            book = ReceiptBook(proto.session_id, self.swarm.signer.peer_id, hop.peer_id, self.model_id, hop.start,
+                               hop.end, proto.nonce, proto.server_nonce, proto.started_ms)
+        return HopSession(hop, framed, proto, book=book)
+
+    def _countersign(self, hs: HopSession, final: bool) -> bytes | None:
+        """Countersign the server's newest receipt when due (every RECEIPT_EVERY_TOKENS tokens, or at the
+        end) and record it as our DEBIT; the encoded receipt to send, or None."""
+        r = hs.latest
+        if r is None or (hs.countersigned is not None and hs.countersigned.seq >= r.seq):
+            return None
+        done = hs.countersigned.tokens if hs.countersigned is not None else 0
+        if not final and r.tokens - done < RECEIPT_EVERY_TOKENS:
+            return None
+        signed = r.sign_as_client(self.swarm.signer)
+        hs.countersigned = signed
+        self._receipts += 1
+        if self.ledger is not None:
+            self.ledger.submit(signed, DEBIT)
+        return signed.encode()
 
     async def _through(self, hs: HopSession, hidden: torch.Tensor) -> torch.Tensor:
         hs.inputs.append(hidden)
         try:
-            await hs.framed.send(hs.proto.step_frame(to_wire(hidden)), MAX_TENSOR_FRAME)
-            return from_wire(hs.proto.on_output(await hs.framed.receive(STEP_TIMEOUT_S)))
+            wire_in = to_wire(hidden)
+            await hs.framed.send(hs.proto.step_frame(wire_in, self._countersign(hs, final=False)), MAX_TENSOR_FRAME)
+            wire_out = hs.proto.on_output(await hs.framed.receive(STEP_TIMEOUT_S))
+            if hs.book is not None and hs.proto.last_receipt is not None:
+                hs.latest = hs.book.check_server_receipt(hs.proto.last_receipt, hidden.shape[1], wire_in.data,
+                                                         wire_out.data, int(time.time() * 1000))
+            return from_wire(wire_out)
         except trio.Cancelled:
             raise
         except ServerRefused as e:
@@ -191,7 +226,7 @@ class InferenceClient:
         for hs in sessions:
             with trio.move_on_after(1):
                 try:
-                    await hs.framed.send(hs.proto.close_frame())
+                    await hs.framed.send(hs.proto.close_frame(self._countersign(hs, final=True)))
                 except Exception:
                     pass
             await hs.framed.close()
@@ -311,4 +346,5 @@ class InferenceClient:
             self.generations, self._tokens, self._failovers,
             sorted(short_id(p) for p in self.bans.banned(time.monotonic())),
             {short_id(p): round(1000 * v, 2) for p, v in self.latency.rtt.items()},
+            self._receipts,
         )

@@ -33,14 +33,20 @@ class NodeConfig:
     announce_interval_s: float = 15.0
     announce_ttl_s: float = 60.0
     rebalance_period_s: float = 60.0
+    overlay_period_s: float = 10.0  # overlay stabilisation period (node.overlay.STABILISE_PERIOD_S)
     gguf: str | None = None
     model_cache_dir: str | None = None
     cache_tokens: int = 16384
     throughput: float = 0.0  # announced block-steps per second; 0 = measure at start
     max_sessions: int = 16
     session_idle_timeout_s: float = 120.0
+    ledger_credit_limit: int = 200_000  # L: clients down to -L units are served (protocol.ledger.FREE_TIER_UNITS)
+    ledger_sync_interval_s: float = 2.0  # anti-entropy with one random peer this often (node.ledger)
     demo_nodes: int = 3
     demo_spans: tuple[tuple[int, int], ...] = ()
+    metrics_enabled: bool = False  # a Prometheus endpoint (node/metrics.py): off unless asked for
+    metrics_port: int = 9464  # the port Prometheus' exporter guide gives to "poolai"-like exporters
+    metrics_host: str = "127.0.0.1"  # local only by default: the figures name peers and spans
     source: str = "<defaults>"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -99,6 +105,12 @@ def _level(v: Any) -> str:
     return v
 
 
+def _port(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65535:
+        raise TypeError("a port number in 1..65535")
+    return v
+
+
 def _span_or_auto(v: Any) -> tuple[int, int] | None:
     if v == "auto":
         return None
@@ -129,15 +141,27 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "announce_ttl_s": ("announce_ttl_s", _positive),
         "rebalance_period_s": ("rebalance_period_s", _positive),
     },
+    "overlay": {
+        "stabilise_period_s": ("overlay_period_s", _positive),
+    },
     "model": {
         "gguf": ("gguf", _str),
         "cache_dir": ("model_cache_dir", _str),
+    },
+    "ledger": {
+        "credit_limit": ("ledger_credit_limit", _non_negative_int),
+        "sync_interval_s": ("ledger_sync_interval_s", _positive),
     },
     "server": {
         "cache_tokens": ("cache_tokens", _positive_int),
         "throughput": ("throughput", _non_negative),
         "max_sessions": ("max_sessions", _positive_int),
         "session_idle_timeout_s": ("session_idle_timeout_s", _positive),
+    },
+    "metrics": {
+        "enabled": ("metrics_enabled", _bool),
+        "port": ("metrics_port", _port),
+        "host": ("metrics_host", _str),
     },
     "demo": {
         "nodes": ("demo_nodes", _positive_int),

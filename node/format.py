@@ -25,6 +25,16 @@ def format_status(info: dict) -> str:
         f"listen   {', '.join(st['addrs'])}",
         f"model    {st['model']['name']} {st['model']['id'][:12]}, {st['model']['blocks']} blocks",
     ]
+    dev, mem = st.get("device") or {}, st.get("memory") or {}
+    if dev:
+        lines.append(f"device   {dev['name']}, {dev['free_bytes'] / 2**30:.1f} of {dev['total_bytes'] / 2**30:.1f} GiB "
+                     f"free; node resident {mem.get('rss_bytes', 0) / 2**20:,.0f} MiB")
+    if st.get("bootstrap"):
+        lines.append(f"boot     {st['bootstrap_online']} bootstrap peers online, {st['bootstrap_unreachable']} unreachable")
+    if st.get("overlay_size_estimate"):
+        lines.append(f"overlay  ~{st['overlay_size_estimate']:.0f} nodes (estimate)")
+    if st.get("metrics_url"):
+        lines.append(f"metrics  {st['metrics_url']}")
     if st["span"]:
         srv = se["server"]
         lines.append(f"my span  {st['span'][0]}:{st['span'][1]} ({st['state']}), {srv['sessions_open']} sessions open, "

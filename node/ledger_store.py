@@ -251,6 +251,27 @@ class LedgerStore:
             out[bytes(author)] = seq if fork is None else min(seq, fork - 1)
         return out
 
+    def head_hashes(self) -> dict[bytes, tuple[int, bytes]]:
+        """{author: (head seq, hash of that entry)}, a frozen author's head stopping below its fork."""
+        with self._lock:
+            rows = self._conn.execute("SELECT author, MAX(seq) FROM entries GROUP BY author").fetchall()
+            frozen = dict(self._conn.execute("SELECT author, seq FROM proofs").fetchall())
+            out = {}
+            for author, seq in rows:
+                fork = frozen.get(author)
+                seq = seq if fork is None else min(seq, fork - 1)
+                if seq < 1:
+                    continue
+                row = self._conn.execute("SELECT hash FROM entries WHERE author=? AND seq=?", (author, seq)).fetchone()
+                if row is not None:
+                    out[bytes(author)] = (seq, bytes(row[0]))
+        return out
+
+    def proof_seqs(self) -> dict[bytes, int]:
+        """{author: forked seq} of every author frozen by a proof we hold."""
+        with self._lock:
+            return {bytes(a): s for a, s in self._conn.execute("SELECT author, seq FROM proofs").fetchall()}
+
     def entries(
         self, author: bytes, from_seq: int = 1, to_seq: int | None = None, limit: int = MAX_ENTRIES_PER_BATCH
     ) -> list[LogEntry]:

@@ -27,9 +27,11 @@ from .control import CONTROL_SOCKET, ControlServer
 from .config import NodeConfig
 from .errors import ConfigError, StartupError
 from .latency import Pinger
+from .ledger import LedgerService, start_ledger
 from .hardware import cpu_device, device_label, plan_capacity, probe_device
 from .identity import load_or_create_identity
 from .model import ClientModel, SpanModel
+from .overlay import OverlayService, start_overlay
 from .p2p import P2P, open_p2p
 from .server import SpanServer
 from .swarm import SwarmService
@@ -54,6 +56,9 @@ class Node:
     server: SpanServer | None
     balancer: Balancer | None
     started: float
+    steering: "SpanSteering | None" = None  # the operator's pin/release of the span (control API)
+    ledger: "LedgerService | None" = None  # receipts, chains and their gossip (node/ledger.py)
+    overlay: "OverlayService | None" = None  # the small-world ring (node/overlay.py)
 
     @property
     def peer_id(self) -> str:
@@ -122,8 +127,54 @@ async def connect_bootstrap(p2p: P2P, swarm: SwarmService, addrs: tuple[str, ...
     return reached
 
 
+class SpanSteering:
+    """The operator's hold on the served span (control API `pin` / `release`).
+
+    While pinned, the balancer leaves the span alone. `pin(span)` moves there in the background (drain,
+    load, announce: the balancer's own move); a failed operator move is logged and the node keeps
+    serving what it has. A span pinned in the config starts pinned, and with no balancer to release to.
+    """
+
+    def __init__(self, nursery, server: SpanServer, pinned: bool) -> None:
+        self._nursery = nursery
+        self.server = server
+        self.pinned = pinned
+        self.has_balancer = not pinned
+        self.move = None  # set by start_serving: async (start, end) -> None
+        self.moving = False
+
+    async def balanced_move(self, new: tuple[int, int]) -> None:
+        if not self.pinned:
+            await self.move(new)
+
+    async def pin(self, span: tuple[int, int]) -> bool:
+        """Pin the span; True when a move to it started. Checkpoints; never waits for the move."""
+        self.pinned = True
+        await trio.lowlevel.checkpoint()
+        if self.moving or (self.server.span.start, self.server.span.end) == tuple(span):
+            return False
+        self.moving = True
+        self._nursery.start_soon(self._move_to, tuple(span))
+        return True
+
+    async def _move_to(self, span: tuple[int, int]) -> None:
+        try:
+            await self.move(span)
+        except Exception as e:
+            log.error("moving to blocks %d:%d failed: %s; still serving %d:%d", *span, e,
+                      self.server.span.start, self.server.span.end)
+            self.server.state = "online"
+        finally:
+            self.moving = False
+
+    def release(self) -> bool:
+        """Hand the span back to the balancer; False when there is none (span pinned by the config)."""
+        self.pinned = False
+        return self.has_balancer
+
+
 async def start_serving(nursery, config: NodeConfig, swarm: SwarmService, converted, manifest,
-                        my_peer_id: bytes) -> tuple[SpanServer, Balancer | None]:
+                        my_peer_id: bytes) -> tuple[SpanServer, Balancer | None, SpanSteering]:
     """Measure capacity, choose a span (unless pinned), load and serve it, and keep it balanced."""
     n_blocks = manifest.n_blocks
     model_id = manifest.model_id
@@ -160,8 +211,7 @@ async def start_serving(nursery, config: NodeConfig, swarm: SwarmService, conver
     holder["server"] = server
     swarm.set_local(model_id, *span, **extras)
     log.info("serving blocks %d:%d of model %s", *span, short_model_id(model_id))
-    if config.span is not None:
-        return server, None
+    steering = SpanSteering(nursery, server, pinned=config.span is not None)
 
     async def move(new: tuple[int, int]) -> None:
         old = (server.span.start, server.span.end)
@@ -175,11 +225,14 @@ async def start_serving(nursery, config: NodeConfig, swarm: SwarmService, conver
         swarm.set_local(model_id, *new, **extras)
         log.info("now serving blocks %d:%d", *new)
 
+    steering.move = move
+    if config.span is not None:
+        return server, None, steering
     balancer = Balancer(lambda: swarm.map.servers(model_id, states=SERVING_STATES), n_blocks, my_peer_id,
-                        lambda: (server.span.start, server.span.end), throughput, move,
+                        lambda: (server.span.start, server.span.end), throughput, steering.balanced_move,
                         period_s=config.rebalance_period_s)
     await nursery.start(balancer.run)
-    return server, balancer
+    return server, balancer, steering
 
 
 async def run_node(config: NodeConfig, data_dir: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -200,14 +253,27 @@ async def run_node(config: NodeConfig, data_dir: Path, *, task_status=trio.TASK_
             swarm = SwarmService(p2p, signer, interval_s=config.announce_interval_s, ttl_s=config.announce_ttl_s)
             async with trio.open_nursery() as nursery:
                 await nursery.start(swarm.run)
+                ledger = await start_ledger(nursery, p2p, signer, data_dir, credit_limit=config.ledger_credit_limit,
+                                            sync_interval_s=config.ledger_sync_interval_s)
                 await connect_bootstrap(p2p, swarm, config.bootstrap, config.bootstrap_timeout_s)
-                server, balancer = None, None
+                overlay = await start_overlay(nursery, p2p, signer, config.bootstrap, config.overlay_period_s)
+                server, balancer, steering = None, None, None
                 if config.serve:
-                    server, balancer = await start_serving(nursery, config, swarm, converted, manifest, signer.peer_id)
+                    server, balancer, steering = await start_serving(nursery, config, swarm, converted, manifest, signer.peer_id)
+                if server is not None:
+                    server.signer, server.ledger = signer, ledger
                 client = InferenceClient(p2p, swarm, client_model, tokenizer, manifest, converted.chat_template)
+                client.ledger = ledger
                 await nursery.start(Pinger(p2p, swarm, client.latency, manifest.model_id).run)
-                node = Node(config, data_dir, p2p, swarm, client, server, balancer, time.monotonic())
+                node = Node(config, data_dir, p2p, swarm, client, server, balancer, time.monotonic(), steering)
+                node.ledger = ledger
+                node.overlay = overlay
                 await nursery.start(ControlServer(node, data_dir / CONTROL_SOCKET).run)
+                if config.metrics_enabled:
+                    from .metrics import MetricsServer
+
+                    node.metrics = await nursery.start(MetricsServer(node, config.metrics_host,
+                                                                     config.metrics_port).run)
                 write_state(data_dir, node, manifest)
                 task_status.started(node)
                 try:

@@ -10,6 +10,7 @@ answering gossip and new streams while torch works.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -17,8 +18,10 @@ import trio
 
 from protocol.codec import MAX_TENSOR_FRAME
 from protocol.errors import RemoteProtocolError
-from protocol.infer import MAX_SESSION_TOKENS, PositionError, ServerSession, error_frame
-from protocol.signing import short_id
+from protocol.errors import MalformedFrame
+from protocol.infer import MAX_SESSION_TOKENS, PositionError, ReceiptBook, ServerSession, error_frame
+from protocol.ledger import CREDIT, NONCE_BYTES, Receipt, ReceiptRejected
+from protocol.signing import Signer, short_id
 from protocol.versions import INFER, INFER_MAJOR, neighbour_majors, protocol_id
 
 from .model import SpanModel
@@ -51,6 +54,8 @@ class ServerStatistics:
     cache_tokens_budget: int
     compute_s: float
     protocol_errors: int
+    receipts: int = 0  # countersigned receipts received from clients (recorded as CREDIT)
+    refused_credit: int = 0  # sessions refused because the client is below the free tier
 
 
 @dataclass
@@ -65,7 +70,7 @@ class SessionInfo:
 
 class SpanServer:
     def __init__(self, p2p, model_id: bytes, span: SpanModel, *, cache_tokens: int, max_sessions: int,
-                 idle_timeout_s: float) -> None:
+                 idle_timeout_s: float, signer: Signer | None = None, ledger=None) -> None:
         self.p2p = p2p
         self.model_id = model_id
         self.span = span
@@ -79,6 +84,11 @@ class SpanServer:
         self._compute_s = 0.0
         self._limiter = trio.CapacityLimiter(1)
         self._sessions: dict[bytes, SessionInfo] = {}
+        # Receipts: with a signer the server signs each session's cumulative receipt on every step; with
+        # a ledger (node.ledger.LedgerService) it records countersigned ones and applies the credit policy.
+        self.signer = signer
+        self.ledger = ledger
+        self._receipts = self._refused_credit = 0
 
     def register(self) -> None:
         self.p2p.host.set_stream_handler(INFER_PROTOCOL, self._handle)
@@ -112,7 +122,7 @@ class SpanServer:
             req = proto.receive(await framed.receive(OPEN_TIMEOUT_S))
             if req is None:
                 return
-            refusal = self._check_open(req)
+            refusal = self._check_open(req, peer)
             if refusal:
                 self._refused += 1
                 log.info("refused session from %s: %s", short_id(peer), refusal[1])
@@ -126,7 +136,14 @@ class SpanServer:
             self._total += 1
             sub = self._subspan(req.start, req.end)
             cache = sub.new_cache(req.max_length)
-            await framed.send(proto.accept(reserved))
+            book = None
+            if self.signer is not None and req.nonce is not None and peer != self.signer.peer_id:  # no self-pay
+                started = _now_ms()
+                book = ReceiptBook(req.session_id, peer, self.signer.peer_id, self.model_id, req.start, req.end,
+                                   req.nonce, os.urandom(NONCE_BYTES), started)
+                await framed.send(proto.accept(reserved, book.latest.server_nonce, started))
+            else:
+                await framed.send(proto.accept(reserved))
             while True:
                 try:
                     msg = await framed.receive(self.idle_timeout_s)
@@ -139,7 +156,11 @@ class SpanServer:
                     await framed.send(proto.refuse("position", str(e)))
                     return
                 if step is None:
+                    if proto.final_receipt is not None:
+                        self._take_receipt(proto.final_receipt, book, peer)
                     return
+                if step.receipt is not None:
+                    self._take_receipt(step.receipt, book, peer)
                 hidden = from_wire(step.hidden)
                 t0 = time.perf_counter()
                 if hidden.shape[1] <= INLINE_STEP_TOKENS:
@@ -151,7 +172,12 @@ class SpanServer:
                 self._steps += 1
                 self._tokens += hidden.shape[1]
                 info.tokens = step.position + hidden.shape[1]
-                await framed.send(proto.respond(step, to_wire(out)), MAX_TENSOR_FRAME)
+                out_wire = to_wire(out)
+                receipt = None
+                if book is not None:
+                    unsigned = book.advance(hidden.shape[1], step.hidden.data, out_wire.data, _now_ms())
+                    receipt = unsigned.sign_as_server(self.signer).encode()
+                await framed.send(proto.respond(step, out_wire, receipt), MAX_TENSOR_FRAME)
         except StreamClosed:
             pass
         except (RemoteProtocolError, trio.TooSlowError) as e:
@@ -181,9 +207,31 @@ class SpanServer:
                 self._sessions.pop(req.session_id, None)
         await framed.close()
 
-    def _check_open(self, req) -> tuple[str, str] | None:
+    def _take_receipt(self, raw: bytes, book: ReceiptBook | None, peer: bytes) -> None:
+        """Check a receipt the client countersigned and record it as our CREDIT; MalformedFrame if bad."""
+        if book is None:
+            raise MalformedFrame("a receipt in a session without receipts")
+        try:
+            r = Receipt.decode(raw)
+            r.verify(countersigned=True)
+        except ReceiptRejected as e:
+            raise MalformedFrame(f"countersigned receipt: {e}") from None
+        mine = book.latest
+        if (r.session_key != mine.session_key or r.client != peer or r.seq > mine.seq
+                or r.server_nonce != mine.server_nonce):
+            raise MalformedFrame("countersigned receipt of another session, or of a step not yet served")
+        self._receipts += 1
+        if self.ledger is not None:
+            self.ledger.submit(r, CREDIT)
+
+    def _check_open(self, req, peer: bytes | None = None) -> tuple[str, str] | None:
         if self.state == "draining":
             return "draining", "this server is draining"
+        if self.ledger is not None and peer is not None and not self.ledger.may_serve(peer):
+            self._refused_credit += 1
+            return "credit", (f"your settled balance {self.ledger.balance(peer)} is at or below the free tier "
+                              f"-{self.ledger.credit_limit} units (or you are frozen for equivocation); "
+                              "serve blocks to earn credit")
         if req.model_id != self.model_id:
             return "unknown_model", f"this server serves model {self.model_id.hex()[:12]}, not {req.model_id.hex()[:12]}"
         if not (self.span.start <= req.start and req.end <= self.span.end):
@@ -212,4 +260,9 @@ class SpanServer:
         return ServerStatistics(
             self.model_id.hex()[:12], (self.span.start, self.span.end), self._open, self._total, self._refused,
             self._steps, self._tokens, self._reserved, self.cache_budget, self._compute_s, self._errors,
+            self._receipts, self._refused_credit,
         )
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -3,12 +3,20 @@
 One stream carries one session between a client and a span server:
 
     client                                server
-      open {session, model, start, end, max_length}  ->
-                                          <- ready {session, cache_tokens}     (or error, then close)
-      step {seq, position, hidden}        ->
-                                          <- out {seq, hidden}                  (or error, then close)
+      open {session, model, start, end, max_length, nonce}  ->
+                                          <- ready {session, cache_tokens, nonce, started_ms}
+                                                                                (or error, then close)
+      step {seq, position, hidden, [receipt]}  ->
+                                          <- out {seq, hidden, receipt}         (or error, then close)
       ... more steps ...
-      close {}                            ->  (server frees the session's KV cache)
+      close {[receipt]}                   ->  (server frees the session's KV cache)
+
+Receipts (minor version 1, SPEC §5 and §13): every `out` carries the server's signature over the
+session's cumulative receipt (`protocol.ledger.Receipt`: tokens and units so far, a running hash of
+the step inputs and outputs, both nonces). The client checks it against its own count and hash, and
+countersigns the newest one at least every RECEIPT_EVERY_TOKENS tokens (inside the next `step`) and
+at the end (inside `close`). Each side records the countersigned receipts in its ledger chain. A
+server that signs nothing (no `nonce` in `ready`) is served without receipts.
 
 `position` is the index of the first token of `hidden` in the session, so the server can check that a
 step continues its cache exactly; a replay after failover opens a new session and sends the kept
@@ -23,8 +31,19 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+import hashlib
+from dataclasses import replace
+
 from .codec import bytes_field, field, int_field, str_field
 from .errors import LocalProtocolError, MalformedFrame, RemoteProtocolError
+from .ledger import (
+    IO_COMMITMENT_BYTES,
+    MAX_CLOCK_SKEW_MS,
+    MAX_RECEIPT_BYTES,
+    NONCE_BYTES,
+    Receipt,
+    ReceiptRejected,
+)
 from .manifest import MAX_BLOCKS
 from .tensors import WireTensor, tensor_from_wire
 from .versions import INFER_MINOR
@@ -34,6 +53,10 @@ SESSION_ID_BYTES = 16
 # client can claim: 2048 tokens x 30 layers x 2 x 3 heads x 64 x 4 bytes = 90 MiB for the default model.
 MAX_SESSION_TOKENS = 2048
 MAX_ERROR_CHARS = 512
+# The client countersigns the server's newest receipt at least this often (and at close): a server
+# that dies mid-session loses at most this many tokens of credit, while a countersignature costs one
+# Ed25519 signature and ~400 bytes per 16 tokens, nothing next to a step's compute.
+RECEIPT_EVERY_TOKENS = 16
 
 ERROR_CODES = {
     "version": "the peer speaks another major version of the protocol",
@@ -46,6 +69,7 @@ ERROR_CODES = {
     "bad_request": "a malformed or unexpected message",
     "timeout": "the session was idle too long and its cache was freed",
     "internal": "the server failed while computing",
+    "credit": "the client's settled balance is below the server's free tier: serve blocks to earn credit",
 }
 
 
@@ -65,6 +89,7 @@ class OpenRequest:
     start: int
     end: int
     max_length: int
+    nonce: bytes | None = None  # the client's receipt nonce; None: a client that takes no receipts
 
 
 @dataclass(frozen=True)
@@ -72,6 +97,65 @@ class StepRequest:
     seq: int
     position: int
     hidden: WireTensor
+    receipt: bytes | None = None  # a receipt the client countersigned, to record
+
+
+def io_commitment(previous: bytes, step_input: bytes, step_output: bytes) -> bytes:
+    """The running hash of a session's traffic: SHA-256(previous || SHA-256(input) || SHA-256(output))."""
+    return hashlib.sha256(previous + hashlib.sha256(step_input).digest() + hashlib.sha256(step_output).digest()).digest()
+
+
+class ReceiptBook:
+    """The cumulative receipt of one session as either side computes it (pure: the caller gives times).
+
+    Both sides advance it with the same step bytes, so the client can check every field the server
+    signed except `last_ms`, which is the server's clock (checked for order and skew only).
+    """
+
+    def __init__(self, session_id: bytes, client: bytes, server: bytes, model_id: bytes, start: int, end: int,
+                 client_nonce: bytes, server_nonce: bytes, started_ms: int) -> None:
+        self.latest = Receipt(session_id, client, server, model_id, start, end, 0, 0, 0, bytes(IO_COMMITMENT_BYTES),
+                              client_nonce, server_nonce, started_ms, started_ms)
+
+    def advance(self, n_tokens: int, step_input: bytes, step_output: bytes, now_ms: int) -> Receipt:
+        """The unsigned receipt after one more step of `n_tokens` tokens."""
+        r = self.latest
+        tokens = r.tokens + n_tokens
+        self.latest = replace(
+            r, seq=r.seq + 1, tokens=tokens, units=tokens * (r.span_end - r.span_start),
+            io_commitment=io_commitment(r.io_commitment, step_input, step_output),
+            last_ms=max(now_ms, r.last_ms), server_sig=b"", client_sig=b"",
+        )
+        return self.latest
+
+    def check_server_receipt(self, raw: bytes, n_tokens: int, step_input: bytes, step_output: bytes,
+                             now_ms: int) -> Receipt:
+        """Client side: advance by the step just done and check the server's receipt for it.
+
+        ReceiptRejected naming the problem: a field that differs from our own count or hash, a bad
+        server signature, a time that goes back or runs ahead of our clock.
+        """
+        previous = self.latest
+        received = Receipt.decode(raw)
+        expected = self.advance(n_tokens, step_input, step_output, received.last_ms)
+        if received.last_ms < previous.last_ms:
+            raise ReceiptRejected("decreasing_counters", "last_ms went back")
+        if received.last_ms > now_ms + MAX_CLOCK_SKEW_MS:
+            raise ReceiptRejected("future_time", f"last_ms {received.last_ms} is ahead of our clock")
+        if replace(received, server_sig=b"", client_sig=b"") != expected:
+            differ = [n for n in ("seq", "tokens", "units", "io_commitment", "session_id", "client", "server",
+                                  "model_id", "span_start", "span_end", "client_nonce", "server_nonce", "started_ms")
+                      if getattr(received, n) != getattr(expected, n)]
+            raise ReceiptRejected("malformed", f"the server's receipt differs from ours in {', '.join(differ)}")
+        received.verify(countersigned=False)
+        self.latest = received
+        return received
+
+
+def _optional_receipt(msg: dict[str, Any]) -> bytes | None:
+    if "receipt" not in msg:
+        return None
+    return bytes_field(msg, "receipt", max_length=MAX_RECEIPT_BYTES)
 
 
 def error_frame(code: str, message: str) -> dict[str, Any]:
@@ -103,6 +187,7 @@ class ServerSession:
         self.tokens = 0  # tokens whose keys/values the server holds
         self.next_seq = 0
         self.steps = 0
+        self.final_receipt: bytes | None = None  # the countersigned receipt sent with `close`
 
     def receive(self, msg: dict[str, Any]) -> OpenRequest | StepRequest | None:
         """Returns an OpenRequest or StepRequest to act on, or None when the client closed."""
@@ -120,6 +205,7 @@ class ServerSession:
             start=int_field(msg, "start", 0, MAX_BLOCKS - 1),
             end=int_field(msg, "end", 1, MAX_BLOCKS),
             max_length=int_field(msg, "max_length", 1, 1 << 31),
+            nonce=bytes_field(msg, "nonce", NONCE_BYTES) if "nonce" in msg else None,
         )
         if req.start >= req.end:
             raise MalformedFrame(f"empty span [{req.start}, {req.end})")
@@ -127,11 +213,15 @@ class ServerSession:
         self.state = State.OPENING
         return req
 
-    def accept(self, cache_tokens: int) -> dict[str, Any]:
+    def accept(self, cache_tokens: int, nonce: bytes | None = None, started_ms: int = 0) -> dict[str, Any]:
+        """The `ready` answer; with `nonce` (the server's) the session carries receipts."""
         if self.state is not State.OPENING or self.open is None:
             raise LocalProtocolError("accept() without a pending open")
         self.state = State.OPEN
-        return {"t": "ready", "session": self.open.session_id, "cache_tokens": cache_tokens}
+        frame = {"t": "ready", "session": self.open.session_id, "cache_tokens": cache_tokens}
+        if nonce is not None:
+            frame.update(nonce=nonce, started_ms=started_ms)
+        return frame
 
     def refuse(self, code: str, message: str) -> dict[str, Any]:
         self.state = State.CLOSED
@@ -150,17 +240,21 @@ class ServerSession:
         if position + n > self.open.max_length:
             raise PositionError(f"step would reach {position + n} tokens, over max_length {self.open.max_length}")
         self.next_seq += 1
-        return StepRequest(seq, position, hidden)
+        return StepRequest(seq, position, hidden, _optional_receipt(msg))
 
-    def respond(self, step: StepRequest, hidden: WireTensor) -> dict[str, Any]:
+    def respond(self, step: StepRequest, hidden: WireTensor, receipt: bytes | None = None) -> dict[str, Any]:
         if self.state is not State.OPEN:
             raise LocalProtocolError("respond() outside an open session")
         _check_hidden(hidden, self.hidden_size, "output hidden")
         self.tokens = step.position + step.hidden.shape[1]
         self.steps += 1
-        return {"t": "out", "seq": step.seq, "hidden": hidden.to_wire()}
+        frame = {"t": "out", "seq": step.seq, "hidden": hidden.to_wire()}
+        if receipt is not None:
+            frame["receipt"] = receipt
+        return frame
 
     def _on_close(self, msg: dict[str, Any]) -> None:
+        self.final_receipt = _optional_receipt(msg)
         self.state = State.CLOSED
         return None
 
@@ -182,7 +276,7 @@ class ClientSession:
     """Client side of one session with one span server."""
 
     def __init__(self, session_id: bytes, model_id: bytes, start: int, end: int, max_length: int,
-                 hidden_size: int) -> None:
+                 hidden_size: int, nonce: bytes | None = None) -> None:
         if len(session_id) != SESSION_ID_BYTES:
             raise LocalProtocolError("session id must be 16 bytes")
         if not 0 < max_length <= MAX_SESSION_TOKENS:
@@ -195,13 +289,20 @@ class ClientSession:
         self.tokens = 0
         self._seq = 0
         self._pending: tuple[int, int] | None = None  # (seq, n tokens) awaiting its output
+        self.nonce = nonce  # our receipt nonce; None: we take no receipts
+        self.last_receipt: bytes | None = None  # the server's receipt in the last `out`
+        self.server_nonce: bytes | None = None
+        self.started_ms = 0
 
     def open_frame(self) -> dict[str, Any]:
         if self.state is not State.AWAIT_OPEN:
             raise LocalProtocolError("session already opened")
         self.state = State.OPENING
-        return {"t": "open", "v": INFER_MINOR, "session": self.session_id, "model": self.model_id,
-                "start": self.start, "end": self.end, "max_length": self.max_length}
+        frame = {"t": "open", "v": INFER_MINOR, "session": self.session_id, "model": self.model_id,
+                 "start": self.start, "end": self.end, "max_length": self.max_length}
+        if self.nonce is not None:
+            frame["nonce"] = self.nonce
+        return frame
 
     def on_ready(self, msg: dict[str, Any]) -> None:
         self._raise_if_error(msg)
@@ -210,9 +311,12 @@ class ClientSession:
         if bytes_field(msg, "session", SESSION_ID_BYTES) != self.session_id:
             raise MalformedFrame("ready names another session")
         self.cache_tokens = int_field(msg, "cache_tokens", 0, 1 << 40)
+        if "nonce" in msg:
+            self.server_nonce = bytes_field(msg, "nonce", NONCE_BYTES)
+            self.started_ms = int_field(msg, "started_ms", 0, 2**63 - 1)
         self.state = State.OPEN
 
-    def step_frame(self, hidden: WireTensor) -> dict[str, Any]:
+    def step_frame(self, hidden: WireTensor, receipt: bytes | None = None) -> dict[str, Any]:
         if self.state is not State.OPEN or self._pending is not None:
             raise LocalProtocolError("step_frame() needs an open session with no step in flight")
         n = _check_hidden(hidden, self.hidden_size, "step input")
@@ -220,10 +324,13 @@ class ClientSession:
             raise LocalProtocolError(f"session would exceed max_length {self.max_length}")
         self._pending = (self._seq, n)
         frame = {"t": "step", "seq": self._seq, "position": self.tokens, "hidden": hidden.to_wire()}
+        if receipt is not None:
+            frame["receipt"] = receipt
         self._seq += 1
         return frame
 
     def on_output(self, msg: dict[str, Any]) -> WireTensor:
+        """The output hidden states of the step in flight (its receipt, if any: `last_receipt`)."""
         self._raise_if_error(msg)
         if msg["t"] != "out" or self._pending is None:
             raise MalformedFrame(f"expected 'out', got {msg['t']!r}")
@@ -233,13 +340,14 @@ class ClientSession:
         hidden = tensor_from_wire(field(msg, "hidden", dict), "output hidden")
         if _check_hidden(hidden, self.hidden_size, "output hidden") != n:
             raise MalformedFrame(f"output has {hidden.shape[1]} tokens, the step sent {n}")
+        self.last_receipt = _optional_receipt(msg)
         self._pending = None
         self.tokens += n
         return hidden
 
-    def close_frame(self) -> dict[str, Any]:
+    def close_frame(self, receipt: bytes | None = None) -> dict[str, Any]:
         self.state = State.CLOSED
-        return {"t": "close"}
+        return {"t": "close", "receipt": receipt} if receipt is not None else {"t": "close"}
 
     def _raise_if_error(self, msg: dict[str, Any]) -> None:
         if msg["t"] == "error":

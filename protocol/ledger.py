@@ -997,3 +997,28 @@ def plan_batches(
             out.append((author, lo, top))
             lo = top + 1
     return out
+
+
+def pull_ranges(
+    mine: Mapping[bytes, tuple[int, bytes]], theirs: Mapping[bytes, tuple[int, bytes]], *,
+    frozen: Iterable[bytes] = (),
+) -> dict[bytes, tuple[int, int]]:
+    """{author: (from_seq, to_seq)} to pull from a peer, given both sides' heads {author: (seq, hash)}.
+
+    Unlike `missing`, a range overlaps our own head by one entry: if the peer's chain does not extend
+    ours, the overlapping entry differs from the one we hold, and storing it yields an equivocation
+    proof. A peer head at our seq with another hash is pulled alone for the same reason. (A peer head
+    below ours is the peer's to pull: the same rule run from its side, or our push, which overlaps
+    too.) Frozen authors are skipped.
+    """
+    skip = set(frozen)
+    out: dict[bytes, tuple[int, int]] = {}
+    for author, (seq, digest) in theirs.items():
+        if author in skip or not _is_int(seq, 1):
+            continue
+        have, have_hash = mine.get(author, (0, ZERO_HASH))
+        if seq > have:
+            out[author] = (max(1, have), seq)
+        elif seq == have and digest != have_hash:
+            out[author] = (seq, seq)
+    return out

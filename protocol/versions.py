@@ -14,7 +14,11 @@ PREFIX = "/poolai/"
 
 INFER = "infer"
 INFER_MAJOR = 1
-INFER_MINOR = 0
+INFER_MINOR = 1  # 1: receipts (nonce in open/ready, receipt in out/step/close)
+
+# The small-world overlay service (protocol/ring.py, node/overlay.py).
+RING = "ring"
+RING_MAJOR = 1
 
 # How many majors around our own a node answers with a clear refusal. Four below and four above covers
 # every version a swarm could plausibly mix during a rolling upgrade; farther ones get multistream's "na".
@@ -40,3 +44,9 @@ def parse_protocol_id(pid: str) -> tuple[str, int]:
 def neighbour_majors(major: int) -> list[int]:
     """The other majors a node answers with a version refusal."""
     return [m for m in range(max(0, major - REFUSED_MAJORS_AROUND), major + REFUSED_MAJORS_AROUND + 1) if m != major]
+
+# Credits (SPEC §13): anti-entropy between two peers, chain heads and fraud proofs by gossip.
+LEDGER_SYNC = "ledger-sync"
+LEDGER_SYNC_MAJOR = 1
+LEDGER_HEADS_TOPIC = "/poolai/ledger-heads/1"
+LEDGER_FRAUD_TOPIC = "/poolai/ledger-fraud/1"
