@@ -137,11 +137,11 @@ def _main(argv: list[str] | None = None, raised: NodeError | None = None) -> int
     try:
         if raised is not None:
             raise raised
-        args = build_parser().parse_args(argv)
-        if args.command == "sim":
+        if argv[:1] == ["sim"]:  # its own parser: argparse.REMAINDER would refuse a leading --help
             from .sim import main as sim_main
 
-            return sim_main(args.rest)
+            return sim_main(argv[1:])
+        args = build_parser().parse_args(argv)
         if args.command == "node":
             return cmd_node(args)
         if args.command == "demo":

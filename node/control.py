@@ -306,7 +306,9 @@ def build_methods(node, events: EventRing | None = None,
             if raw == me:  # a node serving a hop of its own generation dials itself
                 continue
             conn = cs[0] if cs else None
-            direction = getattr(getattr(conn, "direction", None), "value", None) or "unknown"
+            # py-libp2p's Direction is an IntEnum with INBOUND = 0: name it, never test its value.
+            d = getattr(conn, "direction", None)
+            direction = d.name.lower() if hasattr(d, "name") else "unknown"
             created = getattr(conn, "_created_at", None)
             try:
                 addrs = [str(a) for a in conn.get_transport_addresses()] if conn is not None else []

@@ -44,6 +44,8 @@ GOSSIPSUB_ID = TProtocol("/meshsub/1.0.0")
 DIAL_TIMEOUT_S = 5.0
 # Opening a stream is one multistream round trip on an open connection.
 STREAM_OPEN_TIMEOUT_S = 5.0
+# An identify push is one stream per peer, in parallel: a stream open and a small write.
+IDENTIFY_PUSH_TIMEOUT_S = 5.0
 # Time for in-flight pubsub messages to drain before the host closes (trap 8 in LIBP2P-NOTES).
 SHUTDOWN_SETTLE_S = 0.2
 # Gossipsub heartbeat: 1 s makes a fresh node join the mesh within a second or two, cheap at our sizes.
@@ -84,6 +86,20 @@ class P2P:
     async def new_stream(self, peer_id: ID, protocols: list[str], timeout: float = STREAM_OPEN_TIMEOUT_S):
         with trio.fail_after(timeout):
             return await self.host.new_stream(peer_id, [TProtocol(p) for p in protocols])
+
+    async def push_identify(self, timeout: float = IDENTIFY_PUSH_TIMEOUT_S) -> None:
+        """Tell connected peers our protocols again, after registering handlers.
+
+        Identify runs when a connection opens; a node dials its bootstrap peers before its span server
+        and overlay register their handlers, so those peers would list it without them. Best effort:
+        a peer that misses the push learns them on its next connection."""
+        from libp2p.identity.identify_push.identify_push import push_identify_to_peers
+
+        with trio.move_on_after(timeout):
+            try:
+                await push_identify_to_peers(self.host)
+            except Exception as e:
+                log.debug("identify push failed: %s", e)
 
     def connected_peers(self) -> list[ID]:
         return list(self.host.get_network().get_connections_map().keys())

@@ -274,6 +274,7 @@ async def run_node(config: NodeConfig, data_dir: Path, *, task_status=trio.TASK_
 
                     node.metrics = await nursery.start(MetricsServer(node, config.metrics_host,
                                                                      config.metrics_port).run)
+                await p2p.push_identify()  # the bootstrap peers met us before our handlers existed
                 write_state(data_dir, node, manifest)
                 task_status.started(node)
                 try:

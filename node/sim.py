@@ -2,6 +2,7 @@
 
     poolai sim overlay --n 1000,10000,100000,1000000 --fail 0,0.1,0.3,0.5 [--churn]
                        [--lookups 1000] [--seed S] [--json]
+    poolai sim gossip --n 1000,1000000 --fail 0,0.3 [--trials T] [--seed S] [--json]
 
 The overlay is built with the numpy forms of the rules in ``protocol.overlay`` (``protocol._overlay_np``,
 proven equal to the scalar ones by tests/protocol/test_overlay.py): sorted uint64 positions,
@@ -348,6 +349,78 @@ def measure(
 
 
 # ---------------------------------------------------------------------------------------------
+# Gossip: anti-entropy of a new chain head
+# ---------------------------------------------------------------------------------------------
+
+# A head that no node has seen after this many rounds counts as not converged: 4x the push-pull
+# bound log3(n) + O(log log n) at 10^6 nodes, so only a partitioned swarm reaches it.
+GOSSIP_MAX_ROUNDS = 64
+
+
+def alive_neighbours(o: SimOverlay, alive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per node, its distinct alive neighbours packed to the left, and how many there are.
+
+    These are a node's live connections: the peers node/ledger.py picks from for anti-entropy (a dead
+    neighbour's connection has dropped, so it is never picked)."""
+    n = o.n
+    out = np.full(o.nbr.shape, -1, _IDX)
+    counts = np.zeros(n, np.int64)
+    for lo in range(0, n, 200_000):
+        rows = np.sort(o.nbr[lo : lo + 200_000], axis=1)
+        ok = rows >= 0
+        ok &= alive[np.where(ok, rows, 0)]
+        ok[:, 1:] &= rows[:, 1:] != rows[:, :-1]
+        ok &= alive[lo : lo + 200_000, None]
+        # stable sort on "not ok" packs the kept ones to the left in their order
+        order = np.argsort(~ok, axis=1, kind="stable")
+        packed = np.take_along_axis(rows, order, axis=1)
+        kept = np.take_along_axis(ok, order, axis=1)
+        out[lo : lo + 200_000] = np.where(kept, packed, -1)
+        counts[lo : lo + 200_000] = ok.sum(axis=1)
+    return out, counts
+
+
+def gossip_rounds(peers: np.ndarray, counts: np.ndarray, source: int, rng: np.random.Generator,
+                  max_rounds: int = GOSSIP_MAX_ROUNDS) -> int:
+    """Rounds of push-pull until every node with a live connection holds the head from ``source``.
+
+    Each round every live node syncs with one uniformly chosen live connection, as the ledger's
+    anti-entropy loop does every SYNC_INTERVAL_S: both sides leave with the union of what they hold
+    (pull: the caller learns the head; push: the peer does). -1 when ``max_rounds`` pass first."""
+    n = counts.shape[0]
+    active = counts > 0
+    nodes = np.nonzero(active)[0]
+    if not active[source]:
+        return -1  # a source with no live connection never spreads its head
+    held = np.zeros(n, bool)
+    held[source] = True
+    need = int(active.sum())
+    for r in range(1, max_rounds + 1):
+        pick = (rng.random(nodes.size) * counts[nodes]).astype(np.int64)
+        partner = peers[nodes, pick].astype(np.int64)
+        had = held.copy()
+        held[nodes] |= had[partner]  # pull
+        held[partner[had[nodes]]] = True  # push
+        if int(held[active].sum()) >= need:
+            return r
+    return -1
+
+
+def measure_gossip(o: SimOverlay, alive: np.ndarray, trials: int, rng: np.random.Generator) -> dict[str, float]:
+    """Spread ``trials`` heads, each from a random alive node; rounds until all live nodes hold it."""
+    peers, counts = alive_neighbours(o, alive)
+    sources = np.nonzero(alive & (counts > 0))[0]
+    rounds = np.array([gossip_rounds(peers, counts, int(rng.choice(sources)), rng) for _ in range(trials)])
+    done = rounds[rounds > 0]
+    return {
+        "trials": int(trials),
+        "mean_rounds": float(done.mean()) if done.size else float("nan"),
+        "p99_rounds": float(np.percentile(done, 99)) if done.size else float("nan"),
+        "converged": float(done.size / trials),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # Churn
 # ---------------------------------------------------------------------------------------------
 
@@ -443,8 +516,13 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--session-mean", type=float, default=60.0, help="churn: mean session length in rounds"
     )
-    # Future: sub.add_parser("gossip", ...) for receipt/ledger-head dissemination over the
-    # same overlay (fan-out, rounds to full coverage); dispatched in main() like "overlay".
+    g = sub.add_parser("gossip", help="push-pull anti-entropy of a new chain head over the overlay")
+    g.add_argument("--n", type=_ints, default=[1000, 1000000], help="comma-separated node counts")
+    g.add_argument("--fail", type=_floats, default=[0.0, 0.3], help="comma-separated crashed fractions")
+    g.add_argument("--trials", type=int, default=0,
+                   help="heads spread per cell (default: 200 at 10^3, fewer as n grows, at least 5)")
+    g.add_argument("--seed", type=int, default=1)
+    g.add_argument("--json", action="store_true", help="last line: the table as JSON")
     return p
 
 
@@ -491,10 +569,37 @@ def _overlay_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gossip_cmd(args: argparse.Namespace) -> int:
+    rng = np.random.default_rng(args.seed)
+    table: list[dict[str, float]] = []
+    for n in args.n:
+        t0 = time.perf_counter()
+        o = build_overlay(random_positions(n, rng), rng)
+        _log(f"n={n}: built in {time.perf_counter() - t0:.1f}s")
+        trials = args.trials or max(5, min(200, 200_000 // n))
+        for f in args.fail:
+            t1 = time.perf_counter()
+            alive = rng.random(n) >= f
+            res = measure_gossip(o, alive, trials, rng)
+            table.append({"n": n, "fail": f, **res})
+            _log(f"  fail={f}: mean {res['mean_rounds']:.2f} rounds, p99 {res['p99_rounds']:.0f}, "
+                 f"{res['converged']:.3f} converged ({time.perf_counter() - t1:.1f}s)")
+        del o
+    print(f"{'n':>9} {'fail':>5} {'trials':>6} {'mean rounds':>11} {'p99 rounds':>10} {'converged':>9}")
+    for r in table:
+        print(f"{r['n']:>9} {r['fail']:>5.2f} {r['trials']:>6} {r['mean_rounds']:>11.2f} "
+              f"{r['p99_rounds']:>10.1f} {r['converged']:>9.3f}")
+    if args.json:
+        print(json.dumps(table))
+    return 0
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.what == "overlay":
         return _overlay_cmd(args)
+    if args.what == "gossip":
+        return _gossip_cmd(args)
     return 2
 
 

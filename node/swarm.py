@@ -28,14 +28,14 @@ from protocol.codec import field
 from protocol.errors import MalformedFrame, RemoteProtocolError
 from protocol.route import NoRoute
 from protocol.signing import Signer, short_id
-from protocol.versions import ANNOUNCE_TOPIC, protocol_id
+from protocol.versions import ANNOUNCE_TOPIC, SWARM, SWARM_MAJOR, protocol_id
 
 from .p2p import P2P
 from .wire import FramedStream
 
 log = logging.getLogger("poolai.swarm")
 
-SWARM_PROTOCOL = protocol_id("swarm", 1)
+SWARM_PROTOCOL = protocol_id(SWARM, SWARM_MAJOR)
 # An exchange carries every record a node holds; 4096 records of ~300 bytes fit in the 1.5 MiB frame.
 MAX_RECORDS_PER_EXCHANGE = 4096
 MAX_EXCHANGE_FRAME = 3 * 512 * 1024

@@ -25,6 +25,9 @@ RING_MAJOR = 1
 REFUSED_MAJORS_AROUND = 4
 
 ANNOUNCE_TOPIC = "/poolai/announce/1"
+# Direct exchange of span records with a peer just met (SPEC 4.3).
+SWARM = "swarm"
+SWARM_MAJOR = 1
 
 
 def protocol_id(name: str, major: int) -> str:
@@ -50,3 +53,6 @@ LEDGER_SYNC = "ledger-sync"
 LEDGER_SYNC_MAJOR = 1
 LEDGER_HEADS_TOPIC = "/poolai/ledger-heads/1"
 LEDGER_FRAUD_TOPIC = "/poolai/ledger-fraud/1"
+
+# Every stream protocol a node serves, by name: its major. Front ends compare a peer's list with it.
+OUR_MAJORS = {INFER: INFER_MAJOR, RING: RING_MAJOR, LEDGER_SYNC: LEDGER_SYNC_MAJOR, SWARM: SWARM_MAJOR}

@@ -49,6 +49,7 @@ HELP = """\
   [b]b[/b] / [b]u[/b]          ban / unban the selected peer
   [b]d[/b]              drain: take no new sessions
   [b]enter[/b]          (playground) generate
+  [b]esc[/b]            leave the prompt or a filter
   [b]?[/b]              this help      [b]q[/b]  quit
 
 Press any key to close."""
@@ -188,8 +189,8 @@ class OverviewPane(VerticalScroll):
 
 
 class PeersPane(Vertical):
-    COLUMNS = [("peer", "Peer"), ("dir", "Dir"), ("rtt", "RTT ms"), ("since", "Since"), ("spans", "Spans"),
-               ("banned", "Banned"), ("protocols", "Protocols")]
+    COLUMNS = [("peer", "Peer"), ("dir", "Dir"), ("rtt", "RTT"), ("since", "Since"), ("spans", "Spans"),
+               ("banned", "Ban"), ("protocols", "Protocols")]
 
     def __init__(self, **kw) -> None:
         super().__init__(**kw)
@@ -244,7 +245,7 @@ class PeersPane(Vertical):
                 continue
             banned = p.get("banned_for_s", 0)
             table.add_row(
-                short_peer(p["peer"], 12), {"inbound": "in", "outbound": "out"}.get(p.get("direction", ""), "?"),
+                short_peer(p["peer"]), {"inbound": "in", "outbound": "out"}.get(p.get("direction", ""), "?"),
                 f"{p['latency_ms']:.1f}" if p.get("latency_ms") is not None else "-",
                 duration(p["since_s"]) if p.get("since_s") is not None else "-",
                 spans or "-", Text(duration(banned), style="bold red") if banned else "",
@@ -258,7 +259,7 @@ class PeersPane(Vertical):
         col = self.COLUMNS[self.sort_index][1]
         self.query_one("#peers-footer", Static).update(Text(
             f"{shown} of {len(self.rows)} peers, sorted by {col}{' (desc)' if self.sort_reverse else ''}"
-            "   s sort  / filter  b ban  u unban", style="dim"))
+            "; RTT in ms   s sort  / filter  b ban  u unban", style="dim"))
 
     def selected_peer(self) -> str | None:
         table = self.query_one("#peers-table", DataTable)
@@ -427,7 +428,9 @@ class LogsPane(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Input(placeholder="filter logs (/): text, a logger, or a level like WARNING", id="log-filter")
-        yield RichLog(id="log", max_lines=MAX_LOG_LINES, wrap=True, markup=False)
+        # min_width=1: RichLog wraps at 78 columns at least by default, which an 80-column terminal
+        # cuts off; the stable gutter keeps the wrap width when the scrollbar appears.
+        yield RichLog(id="log", max_lines=MAX_LOG_LINES, wrap=True, markup=False, min_width=1)
 
     @staticmethod
     def format_line(x: dict) -> Text:
@@ -448,6 +451,9 @@ class LogsPane(Vertical):
         del self.lines[:-MAX_LOG_LINES]
         if self._match(x):
             self.query_one("#log", RichLog).write(self.format_line(x))
+
+    def on_resize(self) -> None:
+        self.refilter()  # written lines keep the width they were wrapped at: wrap them again
 
     @on(Input.Changed, "#log-filter")
     def refilter(self) -> None:
@@ -471,6 +477,7 @@ class PoolaiApp(App):
     #peers-footer { height: 1; }
     #swarm-servers, #mynode-sessions, #ledger-receipts { height: auto; max-height: 16; }
     #playground-body { height: 1fr; }
+    #log { scrollbar-gutter: stable; }
     #playground-out { width: 1fr; border: round $primary; }
     #route { width: 28; border: round $secondary; padding: 0 1; }
     #playground-status { height: 1; color: $text-muted; }
@@ -645,7 +652,10 @@ class PoolaiApp(App):
 
     def action_show_pane(self, pane: str) -> None:
         self.query_one(TabbedContent).active = pane
-        self.set_focus(None)
+        if pane == "playground":  # the pane is its prompt: type at once; escape leaves it for the keys
+            self.query_one("#prompt", Input).focus()
+        else:
+            self.set_focus(None)
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())

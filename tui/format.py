@@ -5,6 +5,8 @@ from __future__ import annotations
 from rich.text import Text
 
 from node.format import duration
+from protocol.errors import MalformedFrame
+from protocol.versions import OUR_MAJORS, REFUSED_MAJORS_AROUND, parse_protocol_id
 
 __all__ = ["bar", "capacity_tokens_per_s", "coverage_text", "duration", "human_bytes", "protocols_label", "rate",
            "short_peer"]
@@ -76,7 +78,27 @@ def rate(prev: tuple[float, float] | None, now: tuple[float, float]) -> float:
 
 
 def protocols_label(protocols: list[str]) -> str:
-    """poolai's own protocols by name and major ("infer/1"), the rest (libp2p's) as a count."""
-    ours = sorted({"/".join(x.split("/")[2:4]) for x in protocols if x.startswith("/poolai/")})
+    """poolai's protocols the peer speaks, libp2p's as a count: "infer ring swarm +4".
+
+    A name alone means the peer speaks our major of it; another major is shown ("infer/2"), so a peer
+    of another version stands out. A node also registers a refusal on the REFUSED_MAJORS_AROUND majors
+    on each side of its own (protocol/versions.py), and identify lists those too: a set of majors that
+    is exactly such a window names its middle one; any other set is shown whole.
+    """
+    majors: dict[str, set[int]] = {}
+    for x in protocols:
+        if x.startswith("/poolai/"):
+            try:
+                name, major = parse_protocol_id(x)
+            except MalformedFrame:
+                continue
+            majors.setdefault(name, set()).add(major)
+    ours = []
+    for name in sorted(majors):
+        got = majors[name]
+        real = max(got) - REFUSED_MAJORS_AROUND
+        if len(got) > 1 and got == set(range(max(0, real - REFUSED_MAJORS_AROUND), real + REFUSED_MAJORS_AROUND + 1)):
+            got = {real}
+        ours.append(name if got == {OUR_MAJORS.get(name)} else f"{name}/{','.join(str(m) for m in sorted(got))}")
     others = len({x for x in protocols if not x.startswith("/poolai/")})
-    return " ".join(ours + ([f"+{others} libp2p"] if others else [])) or "-"
+    return " ".join(ours + ([f"+{others}"] if others else [])) or "-"

@@ -1,6 +1,7 @@
 """Every bad input of `poolai node` ends with exit code 2 and one line naming the problem."""
 
 import socket
+from pathlib import Path
 import time
 
 import pytest
@@ -122,3 +123,26 @@ def test_generate_bad_flags(capsys):
     assert code == 2 and "needs --local" in line
     code, line = run(capsys, ["node"])
     assert code == 2 and "--config" in line
+
+
+def test_the_shipped_configs_load_and_the_template_names_every_key():
+    """The template promises every key explained: it must parse, and name each key the schema knows."""
+    import tomllib
+
+    from node.config import SCHEMA, NodeConfig, load_config
+
+    root = Path(__file__).resolve().parents[2] / "bootstrap"
+    template = load_config(root / "template.toml")
+    load_config(root / "local.toml")
+    data = tomllib.loads((root / "template.toml").read_text())
+    text = (root / "template.toml").read_text()
+    for section, keys in SCHEMA.items():
+        if section == "demo":  # the demo's own keys live in local.toml
+            continue
+        for key in keys:
+            assert key in data.get(section, {}) or f"# {key} =" in text, f"template lacks {section}.{key}"
+    # the values it shows are the defaults, except the two a real swarm's node must change
+    d = NodeConfig()
+    assert (template.cache_tokens, template.max_sessions, template.ledger_credit_limit, template.metrics_port) == \
+        (d.cache_tokens, d.max_sessions, d.ledger_credit_limit, d.metrics_port)
+    assert template.listen == ("/ip4/0.0.0.0/tcp/4001",) and template.span is None

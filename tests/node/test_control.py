@@ -13,7 +13,7 @@ import trio
 
 from node.control import (CONTROL_SOCKET, MAX_REQUEST_FRAME, ControlClient, ControlError, NodeNotRunning,
                           _receive, _send)
-from node.testing import node_config, start_node
+from node.testing import node_config, start_node, start_swarm
 from protocol.codec import HEADER, FrameDecoder, encode_frame
 
 
@@ -227,4 +227,24 @@ async def test_actions_streams_and_metrics(tmp_path, model_cache):
             assert "poolai_client_generations_total 1.0" in body
             assert "poolai_client_tokens_total %d.0" % len(result["tokens"]) in body
             assert 'poolai_block_replicas{block="20"} 1.0' in body
+        nursery.cancel_scope.cancel()
+
+
+async def test_peers_name_direction_and_the_protocols_registered_after_bootstrap(tmp_path, model_cache):
+    """The second node dials the first before its span server and overlay exist; the identify push at
+    the end of start-up still tells the first about them, and each side names the direction."""
+    async with trio.open_nursery() as nursery:
+        first, second = await start_swarm(nursery, model_cache, tmp_path, [(0, 15), (15, 30)])
+        want = {"/poolai/infer/1", "/poolai/ring/1", "/poolai/ledger-sync/1", "/poolai/swarm/1"}
+        async with ControlClient(tmp_path / "n0") as c0, ControlClient(tmp_path / "n1") as c1:
+            with trio.fail_after(10):
+                while True:
+                    (p0,) = (await c0.call("peers"))["peers"]
+                    if want <= set(p0["protocols"]):
+                        break
+                    await trio.sleep(0.1)
+            (p1,) = (await c1.call("peers"))["peers"]
+        assert p0["peer"] == second.peer_id and p0["direction"] == "inbound"
+        assert p1["peer"] == first.peer_id and p1["direction"] == "outbound"
+        assert want <= set(p1["protocols"]) and p0["spans"] == [[15, 30]]
         nursery.cancel_scope.cancel()

@@ -40,5 +40,11 @@ def test_human_bytes_and_short_peer_and_bar():
 
 def test_protocols_label_names_ours_and_counts_the_rest():
     assert protocols_label(["/ipfs/id/1.0.0", "/ipfs/ping/1.0.0", "/poolai/infer/1", "/poolai/swarm/1",
-                            "/poolai/swarm/1"]) == "infer/1 swarm/1 +2 libp2p"
+                            "/poolai/swarm/1"]) == "infer swarm +2"
     assert protocols_label([]) == "-"
+    # A node's refusal window around its own major (protocol/versions.py) names that major alone...
+    window = [f"/poolai/ledger-sync/{m}" for m in range(0, 6)]
+    assert protocols_label(window + ["/poolai/ring/1"]) == "ledger-sync ring"
+    assert protocols_label([f"/poolai/infer/{m}" for m in range(3, 12)]) == "infer/7"  # another version
+    # ...anything else is shown as it is.
+    assert protocols_label(["/poolai/infer/1", "/poolai/infer/3", "/poolai/bad", "/poolai/new/1"]) == "infer/1,3 new/1"
