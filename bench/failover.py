@@ -26,7 +26,7 @@ import trio  # noqa: E402
 from node.config import NodeConfig  # noqa: E402
 from node.demo import LocalSwarm  # noqa: E402
 from node.runtime import apply_torch_threads, run_node  # noqa: E402
-from node.weights import prepare_model  # noqa: E402
+from node.weights import default_model_cache, prepare_model  # noqa: E402
 from protocol.signing import b58encode  # noqa: E402
 
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -80,7 +80,7 @@ def main() -> None:
     args = ap.parse_args()
     apply_torch_threads(0)
     root = Path(tempfile.mkdtemp(prefix="poolai-failover-"))
-    cache = root / "models" / "smollm2-135m"
+    cache = default_model_cache()
     prepare_model(cache)
     r = trio.run(run, root, cache, args.tokens, args.kill_at)
     print(f"killed a server at token {args.kill_at}: next token {r['recovery_s']:.3f} s after the kill; "

@@ -25,7 +25,7 @@ from node.config import NodeConfig  # noqa: E402
 from node.demo import LocalSwarm  # noqa: E402
 from node.model import LocalModel, format_chat  # noqa: E402
 from node.runtime import apply_torch_threads, run_node  # noqa: E402
-from node.weights import prepare_model  # noqa: E402
+from node.weights import default_model_cache, prepare_model  # noqa: E402
 
 PROMPT = "Write a short story about a robot who learns to paint."
 
@@ -75,7 +75,7 @@ def main() -> None:
     args = ap.parse_args()
     apply_torch_threads(0)
     root = Path(args.data_dir or tempfile.mkdtemp(prefix="poolai-bench-"))
-    cache = root / "models" / "smollm2-135m"
+    cache = default_model_cache()
     converted, _ = prepare_model(cache)
     r = trio.run(run, root, cache, converted, args.tokens)
     local_tps, swarm_tps = statistics.median(r["local"]), statistics.median(r["swarm"])

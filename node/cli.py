@@ -341,12 +341,11 @@ def _generate_local(args) -> int:
     from .logs import setup_logging
     from .model import LocalModel, format_chat, sample_next
     from .runtime import _log_progress, apply_torch_threads
-    from .weights import prepare_model
+    from .weights import default_model_cache, prepare_model
 
     apply_torch_threads(0)
-    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     setup_logging("warning" if args.json else "info", None)
-    converted, manifest = prepare_model(data_dir / "models" / "smollm2-135m", None, _log_progress)
+    converted, manifest = prepare_model(default_model_cache(), None, _log_progress)
     model = LocalModel.load(converted)
     tokenizer = converted.load_tokenizer()
     text_in = args.prompt if args.no_chat else format_chat(converted.chat_template, args.prompt)

@@ -23,7 +23,7 @@ import trio
 from .config import ConfigError, NodeConfig, load_config
 from .errors import StartupError
 from .runtime import STATE_FILE, _log_progress
-from .weights import prepare_model
+from .weights import default_model_cache, prepare_model
 
 log = logging.getLogger("poolai.demo")
 
@@ -161,7 +161,7 @@ def cmd_demo(args) -> int:
     setup_logging("warning" if args.json else "info", root)
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, flush=True))
 
-    cache_dir = root / "models" / "smollm2-135m"
+    cache_dir = Path(config.model_cache_dir) if config.model_cache_dir else default_model_cache()
     say(f"poolai demo: {nodes} nodes on 127.0.0.1, data in {root}")
     _, manifest = prepare_model(cache_dir, None, None if args.json else _log_progress)
     n_blocks = manifest.n_blocks

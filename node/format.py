@@ -32,7 +32,8 @@ def format_status(info: dict) -> str:
     if st.get("bootstrap"):
         lines.append(f"boot     {st['bootstrap_online']} bootstrap peers online, {st['bootstrap_unreachable']} unreachable")
     if st.get("overlay_size_estimate"):
-        lines.append(f"overlay  ~{st['overlay_size_estimate']:.0f} nodes (estimate)")
+        n_hat = round(st["overlay_size_estimate"])
+        lines.append(f"overlay  ~{n_hat} node{'' if n_hat == 1 else 's'} (estimate)")
     if st.get("metrics_url"):
         lines.append(f"metrics  {st['metrics_url']}")
     if st["span"]:

@@ -35,7 +35,7 @@ from .overlay import OverlayService, start_overlay
 from .p2p import P2P, open_p2p
 from .server import SpanServer
 from .swarm import SwarmService
-from .weights import prepare_model, verify_blocks
+from .weights import default_model_cache, prepare_model, verify_blocks
 
 log = logging.getLogger("poolai.node")
 
@@ -79,8 +79,8 @@ def apply_torch_threads(requested: int) -> int:
     return n
 
 
-def model_cache_dir(config: NodeConfig, data_dir: Path) -> Path:
-    return Path(config.model_cache_dir) if config.model_cache_dir else data_dir / "models" / "smollm2-135m"
+def model_cache_dir(config: NodeConfig) -> Path:
+    return Path(config.model_cache_dir) if config.model_cache_dir else default_model_cache()
 
 
 def _log_progress(done: int, total: int, what: str) -> None:
@@ -242,7 +242,7 @@ async def run_node(config: NodeConfig, data_dir: Path, *, task_status=trio.TASK_
         key_pair, signer = load_or_create_identity(data_dir)
         log.info("peer ID %s, data dir %s", b58encode(signer.peer_id), data_dir)
         converted, manifest = await trio.to_thread.run_sync(
-            prepare_model, model_cache_dir(config, data_dir), config.gguf, _log_progress)
+            prepare_model, model_cache_dir(config), config.gguf, _log_progress)
         n_blocks = manifest.n_blocks
         if config.span is not None and config.span[1] > n_blocks:
             raise ConfigError(f"span {config.span[0]}:{config.span[1]} is outside the model's {n_blocks} blocks "

@@ -533,7 +533,7 @@ def _overlay_cmd(args: argparse.Namespace) -> int:
     for n in args.n:
         t0 = time.perf_counter()
         o = build_overlay(random_positions(n, rng), rng)
-        _log(f"n={n}: built in {time.perf_counter() - t0:.1f}s (k={int(o.k.min())}..{int(o.k.max())})")
+        _log(f"n={n}: built in {time.perf_counter() - t0:.1f}s ({int(o.k.min())}..{int(o.k.max())} long links per node)")
         for f in args.fail:
             t1 = time.perf_counter()
             alive = rng.random(n) >= f

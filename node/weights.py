@@ -22,6 +22,10 @@ from .model import ConvertedModel, ModelError, find_default_gguf, load_or_conver
 log = logging.getLogger("poolai.weights")
 
 MANIFEST_FILE = "manifest.bin"
+# Where the converted model lives unless a config names a place: the user's cache dir, shared by every
+# node and data dir of the user (the conversion is locked, so nodes starting together convert once).
+# The variable overrides it for a whole process tree, as tests and benchmarks do.
+MODEL_CACHE_ENV = "POOLAI_MODEL_CACHE"
 MODEL_NAME = "SmolLM2-135M-Instruct"
 HASH_CHUNK = 4 * 1024 * 1024
 
@@ -43,6 +47,16 @@ def _locked(path: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def default_model_cache() -> Path:
+    """$POOLAI_MODEL_CACHE, else <user cache dir>/poolai/models/smollm2-135m (e.g. ~/.cache/poolai/...)."""
+    import os
+
+    import platformdirs
+
+    env = os.environ.get(MODEL_CACHE_ENV)
+    return Path(env) if env else Path(platformdirs.user_cache_dir("poolai")) / "models" / "smollm2-135m"
 
 
 def prepare_model(cache_dir: Path, gguf: str | None = None, progress=None) -> tuple[ConvertedModel, ModelManifest]:

@@ -12,8 +12,11 @@ def model_cache(tmp_path_factory) -> Path:
     """The embedded model, converted once per test session into a shared cache directory."""
     from node.weights import prepare_model
 
+    from node.weights import MODEL_CACHE_ENV
+
     cache = tmp_path_factory.mktemp("models") / "smollm2-135m"
     prepare_model(cache)
+    os.environ[MODEL_CACHE_ENV] = str(cache)  # the poolai processes tests start find it there too
     return cache
 
 

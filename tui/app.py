@@ -179,7 +179,8 @@ class OverviewPane(VerticalScroll):
             ("memory", f"{human_bytes(mem.get('rss_bytes'))} resident"),
             ("peers", f"{st.get('connected_peers', 0)} connected"),
             ("bootstrap", boot_text),
-            ("overlay size", f"~{n_hat:.0f} nodes (estimate)" if isinstance(n_hat, (int, float)) else "n/a"),
+            ("overlay size", f"~{round(n_hat)} node{'' if round(n_hat) == 1 else 's'} (estimate)"
+             if isinstance(n_hat, (int, float)) else "n/a"),
             ("credit", f"{ledger['balance']:+,} units (limit {ledger.get('credit_limit', 0):,})"
              if ledger and "balance" in ledger else "n/a"),
         ]

@@ -1,7 +1,6 @@
 """Multi-process swarms on 127.0.0.1: `poolai` node processes, real weights, real kills."""
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -25,10 +24,7 @@ def leftover_processes(marker: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory, model_cache):
-    root = tmp_path_factory.mktemp("demo")
-    (root / "models").mkdir()
-    os.symlink(model_cache, root / "models" / "smollm2-135m")
-    return root
+    return tmp_path_factory.mktemp("demo")  # the demo finds the model through $POOLAI_MODEL_CACHE
 
 
 def test_demo_equals_local_generation(demo_root):
