@@ -104,8 +104,10 @@ def _sampling(p: argparse.ArgumentParser) -> None:
 def check_generation_args(args) -> None:
     if not 1 <= args.max_new_tokens <= 1024:
         raise ConfigError(f"--max-new-tokens must be in 1..1024, not {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise ConfigError(f"--temperature must be >= 0, not {args.temperature}")
+    from .model import MAX_TEMPERATURE
+
+    if not 0 <= args.temperature <= MAX_TEMPERATURE:  # NaN fails too
+        raise ConfigError(f"--temperature must be in 0..{MAX_TEMPERATURE:g}, not {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise ConfigError(f"--top-p must be in (0, 1], not {args.top_p}")
     if not args.prompt.strip():
@@ -195,8 +197,11 @@ def cmd_node(args) -> int:
     from .logs import setup_logging
     from .runtime import run_node
 
+    from .runtime import check_data_dir
+
     config = node_config_from_args(args)
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    check_data_dir(data_dir)
     setup_logging(config.log_level, data_dir)
 
     async def main_task() -> None:

@@ -69,28 +69,38 @@ def _str_list(v: Any) -> tuple[str, ...]:
     return tuple(v)
 
 
-def _positive(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-        raise TypeError("a positive number")
+# Upper bounds: far above any real setting, low enough that a typo (an extra zero, a value in ms) is
+# caught here instead of as a hang, an overflow or a 40 GiB allocation later.
+MAX_PERIOD_S = 86_400.0  # periods and timeouts: a day
+MAX_CACHE_TOKENS = 10_000_000  # about 180 GiB of fp32 KV cache for the embedded model: beyond any host
+MAX_SESSIONS = 4096
+MAX_THREADS = 1024
+MAX_BLOCKS = 10_000
+MAX_THROUGHPUT = 1e9  # block-steps per second
+MAX_CREDIT_UNITS = 10**15  # 64-bit safe with room for sums
+MAX_DEMO_NODES = 30  # one per block of the embedded model
+
+
+def _seconds(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= MAX_PERIOD_S:  # NaN fails too
+        raise TypeError(f"a number of seconds in (0, {MAX_PERIOD_S:.0f}]")
     return float(v)
 
 
-def _non_negative(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-        raise TypeError("a number >= 0")
-    return float(v)
+def _number_upto(hi: float):
+    def parse(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= hi:  # NaN fails too
+            raise TypeError(f"a number in [0, {hi:g}]")
+        return float(v)
+    return parse
 
 
-def _positive_int(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise TypeError("a positive integer")
-    return v
-
-
-def _non_negative_int(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise TypeError("a whole number >= 0")
-    return v
+def _int_in(lo: int, hi: int):
+    def parse(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise TypeError(f"a whole number in {lo}..{hi}")
+        return v
+    return parse
 
 
 def _bool(v: Any) -> bool:
@@ -129,34 +139,34 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "node": {
         "listen": ("listen", _str_list),
         "span": ("span", _span_or_auto),
-        "blocks": ("blocks", _non_negative_int),
+        "blocks": ("blocks", _int_in(0, MAX_BLOCKS)),
         "serve": ("serve", _bool),
         "log_level": ("log_level", _level),
-        "torch_threads": ("torch_threads", _non_negative_int),
+        "torch_threads": ("torch_threads", _int_in(0, MAX_THREADS)),
     },
     "swarm": {
         "bootstrap": ("bootstrap", _str_list),
-        "bootstrap_timeout_s": ("bootstrap_timeout_s", _positive),
-        "announce_interval_s": ("announce_interval_s", _positive),
-        "announce_ttl_s": ("announce_ttl_s", _positive),
-        "rebalance_period_s": ("rebalance_period_s", _positive),
+        "bootstrap_timeout_s": ("bootstrap_timeout_s", _seconds),
+        "announce_interval_s": ("announce_interval_s", _seconds),
+        "announce_ttl_s": ("announce_ttl_s", _seconds),
+        "rebalance_period_s": ("rebalance_period_s", _seconds),
     },
     "overlay": {
-        "stabilise_period_s": ("overlay_period_s", _positive),
+        "stabilise_period_s": ("overlay_period_s", _seconds),
     },
     "model": {
         "gguf": ("gguf", _str),
         "cache_dir": ("model_cache_dir", _str),
     },
     "ledger": {
-        "credit_limit": ("ledger_credit_limit", _non_negative_int),
-        "sync_interval_s": ("ledger_sync_interval_s", _positive),
+        "credit_limit": ("ledger_credit_limit", _int_in(0, MAX_CREDIT_UNITS)),
+        "sync_interval_s": ("ledger_sync_interval_s", _seconds),
     },
     "server": {
-        "cache_tokens": ("cache_tokens", _positive_int),
-        "throughput": ("throughput", _non_negative),
-        "max_sessions": ("max_sessions", _positive_int),
-        "session_idle_timeout_s": ("session_idle_timeout_s", _positive),
+        "cache_tokens": ("cache_tokens", _int_in(1, MAX_CACHE_TOKENS)),
+        "throughput": ("throughput", _number_upto(MAX_THROUGHPUT)),
+        "max_sessions": ("max_sessions", _int_in(1, MAX_SESSIONS)),
+        "session_idle_timeout_s": ("session_idle_timeout_s", _seconds),
     },
     "metrics": {
         "enabled": ("metrics_enabled", _bool),
@@ -164,7 +174,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "host": ("metrics_host", _str),
     },
     "demo": {
-        "nodes": ("demo_nodes", _positive_int),
+        "nodes": ("demo_nodes", _int_in(1, MAX_DEMO_NODES)),
         "spans": ("demo_spans", _span_list),
     },
 }
@@ -181,7 +191,7 @@ def parse_span(text: str) -> tuple[int, int]:
     return start, end
 
 
-def check_multiaddr(text: str, what: str, need_peer_id: bool = False) -> multiaddr.Multiaddr:
+def check_multiaddr(text: str, what: str, need_peer_id: bool = False, listen: bool = False) -> multiaddr.Multiaddr:
     try:
         addr = multiaddr.Multiaddr(text)
     except Exception as e:
@@ -189,6 +199,9 @@ def check_multiaddr(text: str, what: str, need_peer_id: bool = False) -> multiad
     protocols = [p.name for p in addr.protocols()]
     if "tcp" not in protocols or not ({"ip4", "ip6", "dns", "dns4", "dns6"} & set(protocols)):
         raise ConfigError(f"{what} {text!r} must be a TCP multiaddr like /ip4/127.0.0.1/tcp/4001")
+    if listen and protocols[0] not in ("ip4", "ip6"):
+        # py-libp2p listens on every interface for a /dns name: say which interface, by address.
+        raise ConfigError(f"{what} {text!r} must name an IP address (/ip4/... or /ip6/...), not a host name")
     if need_peer_id:
         if "p2p" not in protocols:
             raise ConfigError(f"{what} {text!r} lacks the peer ID: append /p2p/<peer id>")
@@ -246,6 +259,6 @@ def validate(config: NodeConfig) -> None:
     if not config.listen:
         raise ConfigError(f"{config.source}: node.listen needs at least one address")
     for addr in config.listen:
-        check_multiaddr(addr, "listen address")
+        check_multiaddr(addr, "listen address", listen=True)
     for addr in config.bootstrap:
         check_multiaddr(addr, "bootstrap address", need_peer_id=True)

@@ -41,8 +41,9 @@ import trio
 from protocol.codec import FrameDecoder, encode_frame, field, str_field
 from protocol.errors import RemoteProtocolError
 from protocol.manifest import short_model_id
-from protocol.signing import b58decode, b58encode, short_id
+from protocol.signing import PEER_ID_BYTES, b58decode, b58encode, is_peer_id, short_id
 
+from .errors import describe
 from .logs import ring_buffer
 
 log = logging.getLogger("poolai.control")
@@ -54,6 +55,9 @@ MAX_REQUEST_FRAME = 64 * 1024
 MAX_ANSWER_FRAME = 8 * 1024 * 1024
 MAX_CLIENTS = 16  # a TUI, a few CLI calls, a metrics scraper: more is a runaway script
 READ_TIMEOUT_S = 300.0  # an idle front end is dropped after 5 minutes; it reconnects by itself
+# A client sends its hello at once; one that connects and says nothing holds one of MAX_CLIENTS slots,
+# so it gets 10 s, not READ_TIMEOUT_S (16 silent connections locked the operator out for 5 minutes).
+HELLO_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
 # Streams (logs, events) are polled from in-memory rings: 4 times a second reads as live to a person
 # and costs nothing measurable.
@@ -67,6 +71,7 @@ MAX_NEW_TOKENS = 1024  # same bound as the CLI's --max-new-tokens
 DEFAULT_BAN_S = 3600.0  # an operator's ban lasts an hour unless they say otherwise
 MAX_BAN_S = 30 * 86400.0
 GENERATE_READY_TIMEOUT_S = 30.0  # wait this long for the swarm to cover every block before failing
+MAX_READY_TIMEOUT_S = 600.0  # a front end may wait longer for a swarm to form, not forever
 
 
 def poolai_version() -> str:
@@ -138,12 +143,13 @@ def _arg(args: dict, name: str, kind, default=None, *, required: bool = False):
 
 def _peer_arg(args: dict) -> bytes:
     text = _arg(args, "peer", str, required=True)
+    shown = text if len(text) <= 60 else text[:57] + "..."
     try:
-        peer = b58decode(text.strip())
+        peer = b58decode(text.strip()) if len(text) <= 2 * PEER_ID_BYTES else b""
     except Exception:
-        raise ControlError("bad_args", f"peer {text!r} is not a base58 peer ID") from None
-    if not peer:
-        raise ControlError("bad_args", "peer is empty")
+        raise ControlError("bad_args", f"peer {shown!r} is not a base58 peer ID") from None
+    if not is_peer_id(peer):
+        raise ControlError("bad_args", f"peer {shown!r} is not an Ed25519 peer ID (12D3KooW...)")
     return peer
 
 
@@ -482,14 +488,19 @@ def build_streams(node, events: EventRing) -> dict[str, Callable[[dict, Emit], A
             raise ControlError("bad_args", f"max_new_tokens must be in 1..{MAX_NEW_TOKENS}, not {max_new}")
         temperature = _arg(args, "temperature", float, 0.0)
         top_p = _arg(args, "top_p", float, 1.0)
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ControlError("bad_args", "temperature must be >= 0 and top_p in (0, 1]")
+        from .model import MAX_TEMPERATURE
+
+        if not 0 <= temperature <= MAX_TEMPERATURE or not 0 < top_p <= 1:  # NaN fails both
+            raise ControlError("bad_args", f"temperature must be in 0..{MAX_TEMPERATURE:g} and top_p in (0, 1]")
         seed = _arg(args, "seed", int, None)
         chat = _arg(args, "chat", bool, True)
         from .errors import GenerationError
 
         try:
-            await node.client.wait_ready(_arg(args, "ready_timeout_s", float, GENERATE_READY_TIMEOUT_S))
+            ready_s = _arg(args, "ready_timeout_s", float, GENERATE_READY_TIMEOUT_S)
+            if not 0 < ready_s <= MAX_READY_TIMEOUT_S:
+                raise ControlError("bad_args", f"ready_timeout_s must be in (0, {MAX_READY_TIMEOUT_S:g}]")
+            await node.client.wait_ready(ready_s)
         except GenerationError as e:
             raise ControlError("generation_failed", str(e)) from None
         send, receive = trio.open_memory_channel(math.inf)  # bounded by max_new_tokens
@@ -620,7 +631,7 @@ class ControlServer:
         self._clients += 1
         decoder = FrameDecoder(MAX_REQUEST_FRAME)
         try:
-            hello = await _receive(stream, decoder, READ_TIMEOUT_S)
+            hello = await _receive(stream, decoder, HELLO_TIMEOUT_S)
             major = hello.get("v")
             if hello["t"] != "hello" or major != CONTROL_MAJOR:
                 await _send(stream, {"t": "error", "id": None, "code": "version",
@@ -666,7 +677,7 @@ class ControlServer:
             pass
         except (RemoteProtocolError, trio.TooSlowError) as e:
             self._errors += 1
-            log.info("control client dropped: %s", e)
+            log.info("control client dropped: %s", describe(e))
             try:
                 await _send(stream, {"t": "error", "id": None, "code": "bad_request", "message": str(e)})
             except Exception:
@@ -766,8 +777,19 @@ class ControlClient:
             raise NodeNotRunning(f"no node is running with data dir {self.path.parent} (no {CONTROL_SOCKET})") from None
         except PermissionError:
             raise NodeNotRunning(f"permission denied on {self.path}: the node runs as another user") from None
-        await _send(self._stream, {"t": "hello", "v": CONTROL_MAJOR})
-        hello = await _receive(self._stream, self._decoder, CONNECT_TIMEOUT_S)
+        except OSError as e:  # a data dir that is a file, a socket path too long...
+            raise NodeNotRunning(f"cannot reach a node at {self.path}: {e.strerror or e}") from None
+        try:
+            await _send(self._stream, {"t": "hello", "v": CONTROL_MAJOR})
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # a busy node answers and closes at once: read what it said
+        try:
+            hello = await _receive(self._stream, self._decoder, CONNECT_TIMEOUT_S)
+        except trio.TooSlowError:
+            raise ControlError("timeout", f"the node did not answer within {CONNECT_TIMEOUT_S:g} s") from None
+        except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError, RemoteProtocolError) as e:
+            raise ControlError("closed", f"the node closed the connection before answering ({type(e).__name__})") \
+                from None
         if hello["t"] == "error":
             raise ControlError(hello.get("code", "error"), hello.get("message", ""))
         self.node_version = hello.get("version", "")

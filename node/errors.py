@@ -36,3 +36,10 @@ class GenerationError(NodeError):
 
     The message names the blocks or peers at fault; the node itself keeps running.
     """
+
+
+def describe(e: BaseException) -> str:
+    """An exception in one line for a log or an answer: "Type: message", or the type alone when the
+    message is empty (trio.TooSlowError, libp2p's StreamReset and EOFError often carry none)."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

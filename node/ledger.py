@@ -60,6 +60,7 @@ from protocol.versions import (
     protocol_id,
 )
 
+from .errors import describe
 from .ledger_store import LedgerStore
 from .p2p import P2P
 from .wire import FramedStream, StreamClosed
@@ -163,9 +164,9 @@ class LedgerService:
         pubsub.set_topic_validator(LEDGER_FRAUD_TOPIC, self._validate_fraud, False)
         heads = await pubsub.subscribe(LEDGER_HEADS_TOPIC)
         fraud = await pubsub.subscribe(LEDGER_FRAUD_TOPIC)
-        self.p2p.host.set_stream_handler(SYNC_PROTOCOL, self._handle_sync)
+        self.p2p.handle(SYNC_PROTOCOL, self._handle_sync)
         for major in neighbour_majors(LEDGER_SYNC_MAJOR):
-            self.p2p.host.set_stream_handler(protocol_id(LEDGER_SYNC, major), self._refuse_version(major))
+            self.p2p.handle(protocol_id(LEDGER_SYNC, major), self._refuse_version(major))
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._receive_heads, heads)
@@ -216,7 +217,7 @@ class LedgerService:
                 await self.record(receipt, kind)
             except Exception as e:  # an invalid receipt is the peer's fault; log it and go on
                 self._last_error = f"record {kind}: {e}"
-                log.warning("receipt of session %s not recorded: %s", receipt.session_id.hex()[:8], e)
+                log.warning("receipt of session %s not recorded: %s", receipt.session_id.hex()[:8], describe(e))
 
         self._nursery.start_soon(one)
 
@@ -311,7 +312,7 @@ class LedgerService:
                     self._fraud_out += 1
                 except Exception as e:
                     self._last_error = f"publish proof: {e}"
-                    log.warning("could not publish an equivocation proof: %s", e)
+                    log.warning("could not publish an equivocation proof: %s", describe(e))
 
     # -- heads gossip ----------------------------------------------------------------------------------
     def _validate_head(self, sender, msg) -> bool:
@@ -324,7 +325,7 @@ class LedgerService:
         except RemoteProtocolError as e:
             self._rejected += 1
             self._last_error = f"head from {short_id(bytes(msg.from_id))}: {e}"
-            log.info("dropped a ledger head relayed by %s: %s", sender, e)
+            log.info("dropped a ledger head relayed by %s: %s", sender, describe(e))
             return False
         try:
             self._relayed_by[entry.author] = sender.to_bytes()
@@ -413,7 +414,7 @@ class LedgerService:
                         published = (entry.seq, entry.entry_hash())
                     except Exception as e:
                         self._last_error = f"publish head: {e}"
-                        log.warning("could not publish our ledger head: %s", e)
+                        log.warning("could not publish our ledger head: %s", describe(e))
             await trio.sleep(self.head_min_gap_s)
 
     async def _fraud_message(self, raw: bytes) -> EquivocationProof:
@@ -427,7 +428,7 @@ class LedgerService:
         except (RemoteProtocolError, InvalidProof) as e:
             self._rejected += 1
             self._last_error = f"fraud proof relayed by {sender}: {e}"
-            log.info("dropped a fraud proof relayed by %s: %s", sender, e)
+            log.info("dropped a fraud proof relayed by %s: %s", sender, describe(e))
             return False
         return True
 
@@ -580,7 +581,7 @@ class LedgerService:
         except (RemoteProtocolError, InvalidProof, trio.TooSlowError) as e:
             self._sync_failures += 1
             self._last_error = f"sync from {short_id(peer)}: {e}"
-            log.info("ledger sync from %s failed: %s", short_id(peer), e)
+            log.info("ledger sync from %s failed: %s", short_id(peer), describe(e))
             try:
                 with trio.move_on_after(1):
                     await framed.send({"t": "error", "message": str(e)[:512]})

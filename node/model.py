@@ -684,6 +684,10 @@ def format_chat(tokenizer_or_template, prompt: str, system: str | None = None) -
     return f"{head}<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
 
+# Sampling temperatures above this are noise in any model; NaN and infinities are refused with it.
+MAX_TEMPERATURE = 100.0
+
+
 def sample_next(
     logits_row: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None
 ) -> int:

@@ -80,7 +80,7 @@ from protocol.ring import (
 from protocol.signing import Signer, b58encode, short_id
 from protocol.versions import RING, RING_MAJOR, neighbour_majors, protocol_id
 
-from .errors import NodeError
+from .errors import NodeError, describe
 from .p2p import DIAL_TIMEOUT_S, P2P
 from .wire import FramedStream, StreamClosed, TruncatedFrame
 
@@ -273,10 +273,9 @@ class OverlayService:
     # -- service --------------------------------------------------------------------------------------
 
     def register(self) -> None:
-        host = self.p2p.host
-        host.set_stream_handler(RING_PROTOCOL, self._handle)
+        self.p2p.handle(RING_PROTOCOL, self._handle)
         for major in neighbour_majors(RING_MAJOR):
-            host.set_stream_handler(protocol_id(RING, major), self._refuse_version(major))
+            self.p2p.handle(protocol_id(RING, major), self._refuse_version(major))
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve the ring protocol and stabilise every `period_s` (+- jitter) until cancelled."""
@@ -287,7 +286,7 @@ class OverlayService:
             try:
                 await self.stabilise_once()
             except (trio.TooSlowError, NodeError, RemoteProtocolError) as e:
-                log.warning("overlay: stabilisation round failed: %s", e)
+                log.warning("overlay: stabilisation round failed: %s", describe(e))
             except Exception:  # our bug: say so loudly, but keep the node (and the ring) running
                 log.exception("overlay: stabilisation round crashed")
 
@@ -326,7 +325,7 @@ class OverlayService:
                 await framed.send(self._answer(peer, req), MAX_RING_FRAME)
         except RemoteProtocolError as e:
             self._malformed += 1
-            log.warning("overlay: reset a ring stream from %s: %s", short_id(peer), e)
+            log.warning("overlay: reset a ring stream from %s: %s", short_id(peer), describe(e))
             await framed.reset()
         except Exception as e:  # the stream broke while we answered (peer gone): nothing to do
             log.debug("overlay: ring stream from %s ended: %r", short_id(peer), e)
@@ -373,7 +372,7 @@ class OverlayService:
             except RemoteProtocolError as e:
                 self._rejected += 1
                 self._last_reject = str(e)
-                log.warning("overlay: dropped a record from %s: %s", short_id(peer), e)
+                log.warning("overlay: dropped a record from %s: %s", short_id(peer), describe(e))
                 continue
             taken += self._keep(rec)
         return taken
@@ -572,14 +571,14 @@ class OverlayService:
             try:
                 lists = await self.request(peer, stab_request(self.table.own_estimate(), self.my_addrs()))
             except (PeerUnreachable, RemoteProtocolError) as e:
-                log.warning("overlay: cannot join through %s: %s", short_id(peer), e)
+                log.warning("overlay: cannot join through %s: %s", short_id(peer), describe(e))
                 continue
             self._merge_lists(peer, lists)
             try:
                 found = await self._route(self.position, SUCCESSORS, first=peer, skip_self=True)
                 self.table.merge_ring({p: ring_position(p) for p in found.peers if not self._excluded(p)})
             except LookupFailed as e:
-                log.warning("overlay: lookup of our own position failed while joining: %s", e)
+                log.warning("overlay: lookup of our own position failed while joining: %s", describe(e))
             await self.stabilise_once()
             log.info("overlay: joined through %s: %d successors, %d predecessors, n_hat %.0f",
                      short_id(peer), len(self.table.successors), len(self.table.predecessors), self.table.n_hat)
@@ -738,7 +737,7 @@ class OverlayService:
                     await self.request(peer, store_request([self.records[s].encode() for s in chunk],
                                                            self.my_addrs()))
                 except (PeerUnreachable, RemoteProtocolError) as e:
-                    log.info("overlay: could not re-replicate to %s: %s", short_id(peer), e)
+                    log.info("overlay: could not re-replicate to %s: %s", short_id(peer), describe(e))
                     return
                 for s in chunk:
                     if s in self._pushed:
@@ -761,7 +760,7 @@ class OverlayService:
             try:
                 stored += bool(await self.request(peer, store_request([rec.encode()], self.my_addrs())))
             except (PeerUnreachable, RemoteProtocolError) as e:
-                log.info("overlay: replica %s did not take a record: %s", short_id(peer), e)
+                log.info("overlay: replica %s did not take a record: %s", short_id(peer), describe(e))
                 continue
             self._pushed.setdefault(rec.slot, set()).add(peer)
         return stored
@@ -777,7 +776,7 @@ class OverlayService:
                 try:
                     raws = await self.request(peer, get_request(key, self.my_addrs()))
                 except (PeerUnreachable, RemoteProtocolError) as e:
-                    log.info("overlay: replica %s did not answer a get: %s", short_id(peer), e)
+                    log.info("overlay: replica %s did not answer a get: %s", short_id(peer), describe(e))
                     continue
                 recs = []
                 for raw in raws:
@@ -789,7 +788,7 @@ class OverlayService:
                     except RemoteProtocolError as e:
                         self._rejected += 1
                         self._last_reject = str(e)
-                        log.warning("overlay: dropped a record from %s: %s", short_id(peer), e)
+                        log.warning("overlay: dropped a record from %s: %s", short_id(peer), describe(e))
                         continue
                     recs.append(rec)
             if recs:

@@ -34,7 +34,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from protocol.signing import short_id
 
-from .errors import StartupError
+from .errors import StartupError, describe
 
 log = logging.getLogger("poolai.p2p")
 
@@ -86,6 +86,30 @@ class P2P:
     async def new_stream(self, peer_id: ID, protocols: list[str], timeout: float = STREAM_OPEN_TIMEOUT_S):
         with trio.fail_after(timeout):
             return await self.host.new_stream(peer_id, [TProtocol(p) for p in protocols])
+
+    def handle(self, protocol: str, handler) -> None:
+        """Register a stream handler that never lets an exception reach py-libp2p.
+
+        py-libp2p 0.8.1 stops accepting streams on a connection whose handler raised, while the
+        connection stays up: every later stream from that peer times out (measured: a peer that reset
+        a /poolai/swarm/1 request before the answer was written cut itself off). So whatever a
+        handler did not handle is logged as the peer's doing and the stream is reset."""
+
+        async def guarded(stream) -> None:
+            try:
+                await handler(stream)
+            except Exception as e:
+                try:
+                    peer = short_id(stream.muxed_conn.peer_id.to_bytes())
+                except Exception:
+                    peer = "?"
+                log.info("%s stream from %s ended: %s", protocol, peer, describe(e))
+                try:
+                    await stream.reset()
+                except Exception:
+                    pass
+
+        self.host.set_stream_handler(TProtocol(protocol), guarded)
 
     async def push_identify(self, timeout: float = IDENTIFY_PUSH_TIMEOUT_S) -> None:
         """Tell connected peers our protocols again, after registering handlers.

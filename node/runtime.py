@@ -89,6 +89,28 @@ def _log_progress(done: int, total: int, what: str) -> None:
         log.info("converting the model once: %3d%% (%d/%d tensors)", 100 * done // total, done, total)
 
 
+# The control socket's path must fit sockaddr_un: 108 bytes on Linux, 104 on macOS, with the NUL.
+MAX_SOCKET_PATH = 103
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """ConfigError naming the problem when `data_dir` cannot be a node's data dir; creates it if needed."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"data dir {data_dir} is a file, not a directory") from None
+    except OSError as e:
+        raise ConfigError(f"cannot create data dir {data_dir}: {e.strerror or e}") from None
+    if not data_dir.is_dir():
+        raise ConfigError(f"data dir {data_dir} is not a directory")
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"data dir {data_dir} is not writable by this user")
+    sock = len(os.fsencode(data_dir.resolve() / CONTROL_SOCKET))
+    if sock > MAX_SOCKET_PATH:
+        raise ConfigError(f"data dir {data_dir} is too deep: its control socket path would be {sock} bytes, "
+                          f"over the {MAX_SOCKET_PATH} a Unix socket allows")
+
+
 def lock_data_dir(data_dir: Path):
     """Hold an exclusive lock on the data dir for the node's life; StartupError if another node has it."""
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from protocol.ledger import CREDIT, NONCE_BYTES, Receipt, ReceiptRejected
 from protocol.signing import Signer, short_id
 from protocol.versions import INFER, INFER_MAJOR, neighbour_majors, protocol_id
 
+from .errors import describe
 from .model import SpanModel
 from .tensors import from_wire, to_wire
 from .wire import FramedStream, StreamClosed
@@ -91,9 +92,9 @@ class SpanServer:
         self._receipts = self._refused_credit = 0
 
     def register(self) -> None:
-        self.p2p.host.set_stream_handler(INFER_PROTOCOL, self._handle)
+        self.p2p.handle(INFER_PROTOCOL, self._handle)
         for major in neighbour_majors(INFER_MAJOR):
-            self.p2p.host.set_stream_handler(protocol_id(INFER, major), self._refuse_version(major))
+            self.p2p.handle(protocol_id(INFER, major), self._refuse_version(major))
 
     @property
     def cache_tokens_left(self) -> int:
@@ -118,6 +119,7 @@ class SpanServer:
         peer = framed.remote_peer.to_bytes()
         proto = ServerSession(self.span.config.hidden)
         reserved = 0
+        was_reset = False
         try:
             req = proto.receive(await framed.receive(OPEN_TIMEOUT_S))
             if req is None:
@@ -182,12 +184,13 @@ class SpanServer:
             pass
         except (RemoteProtocolError, trio.TooSlowError) as e:
             self._errors += 1
-            log.warning("session from %s: %s; resetting the stream", short_id(peer), e)
+            log.warning("session from %s: %s; resetting the stream", short_id(peer), describe(e))
             try:
                 with trio.move_on_after(1):
                     await framed.send(error_frame("bad_request", str(e)))
             except Exception:
                 pass
+            was_reset = True
             await framed.reset()
             return
         except Exception as e:  # a bug or a torch failure: answer, log, keep serving others
@@ -198,6 +201,7 @@ class SpanServer:
                     await framed.send(error_frame("internal", f"{type(e).__name__}: {e}"))
             except Exception:
                 pass
+            was_reset = True
             await framed.reset()
             return
         finally:
@@ -205,7 +209,8 @@ class SpanServer:
                 self._reserved -= reserved
                 self._open -= 1
                 self._sessions.pop(req.session_id, None)
-        await framed.close()
+            if not was_reset:  # also after a refusal: the peer sees the end of the stream at once
+                await framed.close()
 
     def _take_receipt(self, raw: bytes, book: ReceiptBook | None, peer: bytes) -> None:
         """Check a receipt the client countersigned and record it as our CREDIT; MalformedFrame if bad."""
@@ -236,6 +241,8 @@ class SpanServer:
             return "unknown_model", f"this server serves model {self.model_id.hex()[:12]}, not {req.model_id.hex()[:12]}"
         if not (self.span.start <= req.start and req.end <= self.span.end):
             return "span", f"this server serves blocks {self.span.start}:{self.span.end}, not {req.start}:{req.end}"
+        if req.session_id in self._sessions:  # sessions are told apart by id: statuses and receipts too
+            return "bad_request", f"session {req.session_id.hex()[:8]} is already open here"
         if req.max_length > MAX_SESSION_TOKENS:
             return "too_long", f"max_length {req.max_length} is over {MAX_SESSION_TOKENS}"
         if self._open >= self.max_sessions or req.max_length > self.cache_tokens_left:

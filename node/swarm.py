@@ -31,6 +31,7 @@ from protocol.signing import Signer, short_id
 from protocol.versions import ANNOUNCE_TOPIC, SWARM, SWARM_MAJOR, protocol_id
 
 from .p2p import P2P
+from .errors import describe
 from .wire import FramedStream
 
 log = logging.getLogger("poolai.swarm")
@@ -104,7 +105,7 @@ class SwarmService:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.p2p.pubsub.set_topic_validator(ANNOUNCE_TOPIC, self._validate, False)
         subscription = await self.p2p.pubsub.subscribe(ANNOUNCE_TOPIC)
-        self.p2p.host.set_stream_handler(SWARM_PROTOCOL, self._handle_exchange)
+        self.p2p.handle(SWARM_PROTOCOL, self._handle_exchange)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._receive, subscription)
             nursery.start_soon(self._publish_loop)
@@ -118,7 +119,7 @@ class SwarmService:
         except RemoteProtocolError as e:
             self._rejected += 1
             self._last_reject = str(e)
-            log.info("dropped announcement from %s: %s", short_id(bytes(msg.from_id)), e)
+            log.info("dropped announcement from %s: %s", short_id(bytes(msg.from_id)), describe(e))
             return False
         return True
 
@@ -150,7 +151,7 @@ class SwarmService:
                     await self.p2p.pubsub.publish(ANNOUNCE_TOPIC, record.encode())
                     self._published += 1
                 except Exception as e:
-                    log.warning("could not publish our announcement: %s", e)
+                    log.warning("could not publish our announcement: %s", describe(e))
             with trio.move_on_after(next(early, self.interval_s)):
                 await self._republish.wait()
 
@@ -183,7 +184,7 @@ class SwarmService:
             except RemoteProtocolError as e:
                 self._rejected += 1
                 self._last_reject = str(e)
-                log.info("dropped a record from %s in an exchange: %s", short_id(peer), e)
+                log.info("dropped a record from %s in an exchange: %s", short_id(peer), describe(e))
                 continue
             taken += await self._apply(ann)
         return taken
@@ -200,7 +201,7 @@ class SwarmService:
             self._exchanges += 1
             await framed.close()
         except (RemoteProtocolError, trio.TooSlowError) as e:
-            log.info("swarm exchange with %s failed: %s", short_id(peer), e)
+            log.info("swarm exchange with %s failed: %s", short_id(peer), describe(e))
             await framed.reset()
 
     async def exchange_with(self, peer_id) -> int:

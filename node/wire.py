@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import trio
+from libp2p.network.stream.exceptions import StreamError
+from libp2p.stream_muxer.exceptions import MuxedConnError, MuxedStreamError
 
 from protocol.codec import MAX_CONTROL_FRAME, FrameDecoder, encode_frame
 from protocol.errors import RemoteProtocolError
@@ -38,9 +40,13 @@ class FramedStream:
         return self.stream.muxed_conn.peer_id
 
     async def send(self, message: dict[str, Any], limit: int | None = None) -> None:
+        """Write one frame; StreamClosed when the peer reset or closed the stream (its doing, not a bug)."""
         data = encode_frame(message, limit or self.decoder.limit)
         self.bytes_out += len(data)
-        await self.stream.write(data)
+        try:
+            await self.stream.write(data)
+        except (StreamError, MuxedStreamError, MuxedConnError, trio.BrokenResourceError, OSError) as e:
+            raise StreamClosed(f"stream closed while writing ({type(e).__name__})") from None
 
     async def receive(self, timeout: float | None = None) -> dict[str, Any]:
         """The next message; StreamClosed, TruncatedFrame, FrameTooLarge, MalformedFrame or TooSlowError."""

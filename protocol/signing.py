@@ -19,6 +19,11 @@ from .errors import BadSignature, LocalProtocolError, MalformedFrame
 # Identity multihash (code 0x00, length 36) of the libp2p protobuf PublicKey {Type: Ed25519 (1), Data: 32 bytes}.
 _ED25519_PEER_ID_PREFIX = b"\x00\x24\x08\x01\x12\x20"
 PEER_ID_BYTES = len(_ED25519_PEER_ID_PREFIX) + 32
+
+
+def is_peer_id(raw: bytes) -> bool:
+    """Whether `raw` is the bytes of an Ed25519 libp2p peer ID, the only kind poolai speaks to."""
+    return len(raw) == PEER_ID_BYTES and raw.startswith(_ED25519_PEER_ID_PREFIX)
 SIGNATURE_BYTES = 64
 
 _B58_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"

@@ -41,7 +41,22 @@ def test_unknown_key(tmp_path, capsys):
 def test_wrong_type(tmp_path, capsys):
     cfg = write(tmp_path, "[server]\ncache_tokens = 'lots'\n")
     code, line = run(capsys, ["node", "--config", cfg, "--data-dir", str(tmp_path)])
-    assert code == 2 and "'server.cache_tokens' must be a positive integer" in line
+    assert code == 2 and "'server.cache_tokens' must be a whole number in 1..10000000" in line
+
+
+@pytest.mark.parametrize(("text", "key", "want"), [
+    ("[swarm]\nannounce_interval_s = nan\n", "swarm.announce_interval_s", "a number of seconds in (0, 86400]"),
+    ("[server]\nsession_idle_timeout_s = inf\n", "server.session_idle_timeout_s", "a number of seconds"),
+    ("[ledger]\nsync_interval_s = -1\n", "ledger.sync_interval_s", "a number of seconds"),
+    ("[server]\nthroughput = nan\n", "server.throughput", "a number in [0, 1e+09]"),
+    ("[server]\ncache_tokens = 100000000000\n", "server.cache_tokens", "a whole number in 1..10000000"),
+    ("[server]\nmax_sessions = 0\n", "server.max_sessions", "a whole number in 1..4096"),
+    ("[node]\ntorch_threads = 100000\n", "node.torch_threads", "a whole number in 0..1024"),
+])
+def test_values_out_of_range_are_named(tmp_path, capsys, text, key, want):
+    """NaN, infinities and absurd sizes are refused at load, not met later as a hang or a huge allocation."""
+    code, line = run(capsys, ["node", "--config", write(tmp_path, text), "--data-dir", str(tmp_path)])
+    assert code == 2 and f"'{key}' must be {want}" in line, line
 
 
 @pytest.mark.parametrize("addr,match", [
@@ -114,6 +129,34 @@ def test_data_dir_owned_by_another_node(tmp_path, capsys):
     finally:
         held.close()
     assert code == 2 and "another poolai node is running" in line
+
+
+def test_unusable_data_dirs_are_named(tmp_path, capsys):
+    cfg = write(tmp_path, "")
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    code, line = run(capsys, ["node", "--config", cfg, "--data-dir", str(afile)])
+    assert code == 2 and "is a file, not a directory" in line
+    code, line = run(capsys, ["node", "--config", cfg, "--data-dir", str(afile / "below")])
+    assert code == 2 and "cannot create data dir" in line
+    deep = tmp_path / ("d" * 100)
+    code, line = run(capsys, ["node", "--config", cfg, "--data-dir", str(deep)])
+    assert code == 2 and "too deep" in line and "Unix socket" in line
+    code, line = run(capsys, ["status", "--data-dir", str(afile)])
+    assert code == 2 and "cannot reach a node" in line
+
+
+def test_listen_on_a_host_name_is_refused(tmp_path, capsys):
+    """py-libp2p would listen on every interface for /dns4/localhost: the operator must name an address."""
+    code, line = run(capsys, ["node", "--config", write(tmp_path, ""), "--data-dir", str(tmp_path),
+                              "--listen", "/dns4/localhost/tcp/0"])
+    assert code == 2 and "must name an IP address" in line
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-0.5"])
+def test_generate_refuses_temperatures_outside_the_range(capsys, value):
+    code, line = run(capsys, ["generate", "--local", "--prompt", "hi", "--temperature", value])
+    assert code == 2 and "--temperature must be in 0..100" in line
 
 
 def test_generate_bad_flags(capsys):

@@ -75,6 +75,13 @@ async def test_bad_clients_get_clear_errors_and_the_node_keeps_running(model_cac
             with pytest.raises(ControlError) as e:
                 await a.call("ban", peer="not-base58-0OIl")
             assert e.value.code == "bad_args" and "peer" in str(e.value)
+            for junk in ("abc", "1", "z" * 30_000):  # base58, but no peer ID
+                with pytest.raises(ControlError) as e:
+                    await a.call("ban", peer=junk)
+                assert e.value.code == "bad_args" and "not an Ed25519 peer ID" in str(e.value)
+            with pytest.raises(ControlError) as e:
+                await a.call("generate", prompt="hi", temperature=float("nan"))
+            assert e.value.code == "bad_args" and "temperature" in str(e.value)
             with pytest.raises(ControlError) as e:
                 await a.call("log_tail", lines="many")
             assert e.value.code == "bad_args"
@@ -247,4 +254,27 @@ async def test_peers_name_direction_and_the_protocols_registered_after_bootstrap
         assert p0["peer"] == second.peer_id and p0["direction"] == "inbound"
         assert p1["peer"] == first.peer_id and p1["direction"] == "outbound"
         assert want <= set(p1["protocols"]) and p0["spans"] == [[15, 30]]
+        nursery.cancel_scope.cancel()
+
+
+async def test_silent_clients_cannot_lock_the_operator_out(model_cache, monkeypatch):
+    """MAX_CLIENTS connections that never say hello are dropped after HELLO_TIMEOUT_S; until then a
+    real client gets the node's one-line 'busy' answer, not a broken pipe."""
+    import node.control as control
+
+    monkeypatch.setattr(control, "HELLO_TIMEOUT_S", 1.0)
+    data_dir = traversable_dir() / "n"
+    async with trio.open_nursery() as nursery:
+        await start_node(nursery, node_config(model_cache, span=(0, 2)), data_dir)
+        silent = [await trio.open_unix_socket(str(data_dir / CONTROL_SOCKET)) for _ in range(control.MAX_CLIENTS)]
+        await trio.sleep(0.2)
+        with pytest.raises(ControlError) as e:
+            async with ControlClient(data_dir) as c:
+                await c.call("status")
+        assert e.value.code == "busy" and f"{control.MAX_CLIENTS} clients" in str(e.value)
+        await trio.sleep(1.5)  # the silent ones are dropped
+        async with ControlClient(data_dir) as c:
+            assert (await c.call("status"))["peer_id"]
+        for s in silent:
+            await s.aclose()
         nursery.cancel_scope.cancel()

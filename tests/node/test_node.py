@@ -142,3 +142,46 @@ async def test_ping_measures_rtt_to_a_server(tmp_path, model_cache):
         rtt = await pinger.ping(a.p2p.peer_id)
         nursery.cancel_scope.cancel()
     assert 0 < rtt < 0.5
+
+
+@pytest.mark.parametrize("protocol, request_", [
+    ("/poolai/swarm/1", {"t": "records", "records": []}),
+    ("/poolai/ledger-sync/1", {"t": "heads", "heads": [], "proofs": []}),
+])
+async def test_a_peer_that_resets_before_the_answer_is_still_served(tmp_path, model_cache, protocol, request_):
+    """py-libp2p stops taking streams on a connection whose handler raised: a peer resetting a request
+    before the answer was written used to be cut off for good (every later stream timed out)."""
+    async with trio.open_nursery() as nursery:
+        node = await start_node(nursery, node_config(model_cache, span=(0, 2)), tmp_path / "n")
+        async with raw_host() as peer:
+            await peer.connect(node.p2p.listen_addrs()[0])
+            for _ in range(3):
+                s = await peer.new_stream(node.p2p.peer_id, [protocol])
+                await s.write(encode_frame(request_))
+                await s.reset()
+            await trio.sleep(0.5)
+            with trio.fail_after(5):
+                s = await peer.new_stream(node.p2p.peer_id, ["/poolai/swarm/1"])
+                framed = FramedStream(s, 1 << 20)
+                await framed.send({"t": "records", "records": []})
+                assert (await framed.receive(5))["t"] == "records"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_refused_session_ends_its_stream_at_once(tmp_path, model_cache):
+    """After a refusal the server closes its side: the client reads the end of the stream, not a timeout."""
+    from node.wire import StreamClosed
+
+    async with trio.open_nursery() as nursery:
+        node = await start_node(nursery, node_config(model_cache, span=(0, 2)), tmp_path / "n")
+        async with raw_host() as peer:
+            await peer.connect(node.p2p.listen_addrs()[0])
+            s = await peer.new_stream(node.p2p.peer_id, ["/poolai/infer/1"])
+            framed = FramedStream(s, 1 << 20)
+            await framed.send({"t": "open", "v": 1, "session": b"s" * 16, "model": b"\0" * 32, "start": 0,
+                               "end": 2, "max_length": 8})
+            reply = await framed.receive(5)
+            assert reply["t"] == "error" and reply["code"] == "unknown_model"
+            with trio.fail_after(2), pytest.raises(StreamClosed):
+                await framed.receive()
+        nursery.cancel_scope.cancel()
