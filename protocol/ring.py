@@ -25,6 +25,7 @@ position is `key_position(key)`; it is stored on the RECORD_REPLICAS nodes close
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -61,6 +62,9 @@ MAX_ADVERTISED = 96
 # A node listens on a handful of addresses; more is a peer padding its messages.
 MAX_ADDRS = 4
 MAX_ADDR_CHARS = 256
+# The addresses a node can dial (SPEC §1: TCP only, by IP or DNS name, optionally with the peer ID).
+# Anything else a peer sends is dropped before it is stored or handed on to others.
+DIALABLE_ADDR = re.compile(r"/(ip4|ip6|dns|dns4|dns6)/[0-9A-Za-z.:%_-]{1,253}/tcp/[0-9]{1,5}(/p2p/[1-9A-HJ-NP-Za-km-z]{1,64})?")
 # Error text sent back with a refusal.
 MAX_ERROR_CHARS = 256
 
@@ -275,7 +279,7 @@ def _addrs(msg: dict, name: str = "a") -> tuple[str, ...]:
     if len(addrs) > MAX_ADDRS or not all(isinstance(a, str) and 0 < len(a) <= MAX_ADDR_CHARS for a in addrs):
         raise MalformedFrame(f"field {name!r} of {msg.get('t')!r}: at most {MAX_ADDRS} addresses "
                              f"of 1..{MAX_ADDR_CHARS} characters")
-    return tuple(addrs)
+    return tuple(a for a in addrs if DIALABLE_ADDR.fullmatch(a))
 
 
 def _n_hat(msg: dict) -> float:

@@ -192,3 +192,11 @@ def test_fuzz_message_decoders(kind, body):
             decode_reply(msg, request)
         except RemoteProtocolError:
             pass
+
+
+def test_undialable_addresses_are_dropped_not_handed_on():
+    """A peer's garbage addresses never reach the table, so they are never passed to other peers."""
+    good = ("/ip4/127.0.0.1/tcp/4001", "/dns4/node.example.org/tcp/4001/p2p/" + "Qm" * 10)
+    msg = stab_request(10.0, ("garbage", "/ip4/1.2.3.4/udp/1/quic", *good))
+    assert decode_request(wire(msg)).addrs == good
+    assert decode_request(wire(stab_request(10.0, ("/unix/tmp/x", "/ip4/1.2.3.4/tcp/1; rm")))).addrs == ()
