@@ -242,14 +242,7 @@ class LedgerStore:
 
     def heads(self) -> dict[bytes, int]:
         """{author: head seq} as advertised to peers: a frozen author's head stops below its fork."""
-        with self._lock:
-            rows = self._conn.execute("SELECT author, MAX(seq) FROM entries GROUP BY author").fetchall()
-            frozen = dict(self._conn.execute("SELECT author, seq FROM proofs").fetchall())
-        out = {}
-        for author, seq in rows:
-            fork = frozen.get(author)
-            out[bytes(author)] = seq if fork is None else min(seq, fork - 1)
-        return out
+        return {author: seq for author, (seq, _) in self.head_hashes().items()}
 
     def head_hashes(self) -> dict[bytes, tuple[int, bytes]]:
         """{author: (head seq, hash of that entry)}, a frozen author's head stopping below its fork."""
